@@ -1,0 +1,1 @@
+"""H-Net building blocks."""

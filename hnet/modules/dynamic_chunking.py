@@ -1,0 +1,94 @@
+"""Dynamic chunking: the routing module picks boundaries, chunk keeps them, dechunk smooths them back.
+
+Routing: p[t] = clamp((1 - cos(q(h[t-1]), k(h[t]))) / 2, 0, 1), p = 1 at every document start,
+boundary b[t] = p[t] > 0.5. Dechunk: an EMA over chunks z = P x + (1 - P) z_prev with P the clamped
+boundary probability, reset per document, computed as an SSD scan; every byte then takes the EMA of
+its latest chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hnet.modules.packing import PackedSeq
+from hnet.ops import ssd_scan
+
+DECHUNK_HEADDIM = 32
+DECHUNK_CHUNK_SIZE = 256
+
+
+@dataclass
+class RouterOutput:
+    """Per position of the stage input: boundary probability p, boundary b = p > 0.5, c = max(p, 1 - p)."""
+
+    boundary_prob: torch.Tensor
+    boundary_mask: torch.Tensor
+    selected_probs: torch.Tensor
+
+
+class RoutingModule(nn.Module):
+    def __init__(self, d: int, device=None, dtype=None):
+        super().__init__()
+        self.q_proj_layer = nn.Linear(d, d, bias=False, device=device, dtype=dtype)
+        self.k_proj_layer = nn.Linear(d, d, bias=False, device=device, dtype=dtype)
+
+    def forward(self, hidden: torch.Tensor, seq: PackedSeq) -> RouterOutput:
+        q = F.normalize(self.q_proj_layer(hidden[:-1]), dim=-1)
+        k = F.normalize(self.k_proj_layer(hidden[1:]), dim=-1)
+        cos = (q * k).sum(-1)
+        p = torch.clamp((1 - cos) / 2, min=0.0, max=1.0)
+        p = F.pad(p, (1, 0), value=1.0)
+        starts = torch.zeros_like(p, dtype=torch.bool).index_fill_(0, seq.cu_seqlens[:-1].long(), True)
+        p = torch.where(starts, torch.ones_like(p), p)
+        mask = p > 0.5
+        return RouterOutput(p, mask, torch.maximum(p, 1 - p))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Identity: at init a boundary falls where consecutive encoder states differ most."""
+        for layer in (self.q_proj_layer, self.k_proj_layer):
+            _copy_full(layer.weight, torch.eye(layer.weight.shape[0], device=layer.weight.device))
+
+
+def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter that may be a sharded DTensor."""
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # torch built without distributed
+        DTensor = ()
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
+    param.copy_(full)
+
+
+def chunk(hidden: torch.Tensor, router: RouterOutput, seq: PackedSeq) -> tuple[torch.Tensor, PackedSeq]:
+    """Keep boundary positions; the chunk-level documents follow from the boundary count per document."""
+    kept = hidden[router.boundary_mask]
+    counts = router.boundary_mask.cumsum(0)[seq.cu_seqlens[1:].long() - 1]
+    next_cu = F.pad(counts, (1, 0)).to(torch.int32)
+    return kept, PackedSeq(next_cu, total=kept.shape[0])
+
+
+def dechunk(chunks: torch.Tensor, router: RouterOutput, chunk_seq: PackedSeq) -> torch.Tensor:
+    """EMA over the chunk sequence, then plugged back so each byte gets the EMA of its latest chunk."""
+    P = router.boundary_prob[router.boundary_mask].float().clamp(1e-4, 1 - 1e-4)
+    n, d = chunks.shape
+    heads = d // DECHUNK_HEADDIM
+    dt = torch.log(1 / (1 - P))
+    x = (chunks.float() / dt[:, None]).view(n, heads, DECHUNK_HEADDIM)
+    ema = ssd_scan(
+        x, dt[:, None].expand(n, heads), -torch.ones(heads, device=chunks.device),
+        P.view(n, 1, 1), torch.ones(n, 1, 1, device=chunks.device),
+        chunk_size=DECHUNK_CHUNK_SIZE, seq_idx=chunk_seq.seq_idx,
+    ).view(n, d)
+    latest = router.boundary_mask.cumsum(0) - 1
+    return ema[latest].to(chunks.dtype)
+
+
+def ste(x: torch.Tensor) -> torch.Tensor:
+    """Straight-through: forward exactly 1, backward the identity."""
+    return x - x.detach() + 1.0

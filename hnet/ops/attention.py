@@ -1,0 +1,101 @@
+"""Causal attention over packed documents, optionally with a sliding window.
+
+A query at position i of a document attends to keys j of the same document with
+i - window <= j <= i (window -1: all j <= i). q, k, v are (T, H, Dh); documents are given by
+``cu_seqlens`` (int32, (num_docs + 1,)).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from hnet.ops.backend import resolve
+
+# Reference path: documents are grouped into blocks of about this many positions, each block one
+# masked SDPA call, so cost stays near T * block instead of T^2 while the Python loop stays short.
+_REFERENCE_BLOCK = 2048
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    window: int = -1,
+    scale: float | None = None,
+) -> torch.Tensor:
+    backend = resolve("attention", q.device)
+    if backend == "varlen":
+        return _varlen(q, k, v, cu_seqlens, max_seqlen, window, scale)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            softmax_scale=scale, causal=True, window_size=(window, -1),
+        )
+    if backend == "flex":
+        return _flex(q, k, v, cu_seqlens, window, scale)
+    return packed_attention_reference(q, k, v, cu_seqlens, window, scale)
+
+
+def _varlen(q, k, v, cu_seqlens, max_seqlen, window, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    if "window_size" in inspect.signature(varlen_attn).parameters:
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, window_size=(window, 0))
+    if window >= 0:  # older torch: varlen_attn has no window; fall back to the exact masked path
+        return packed_attention_reference(q, k, v, cu_seqlens, window, scale)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, is_causal=True, scale=scale)
+
+
+def document_mask(doc_ids: torch.Tensor, window: int) -> torch.Tensor:
+    """(L, L) bool: same document, causal, within the window."""
+    pos = torch.arange(len(doc_ids), device=doc_ids.device)
+    diff = pos[:, None] - pos[None, :]
+    mask = (doc_ids[:, None] == doc_ids[None, :]) & (diff >= 0)
+    return mask & (diff <= window) if window >= 0 else mask
+
+
+def _document_blocks(bounds: list[int], block: int) -> list[tuple[int, int]]:
+    """Consecutive document index ranges [i, j) spanning at most ``block`` positions (or one longer document)."""
+    groups, i, n = [], 0, len(bounds) - 1
+    while i < n:
+        j = i + 1
+        while j < n and bounds[j + 1] - bounds[i] <= block:
+            j += 1
+        groups.append((i, j))
+        i = j
+    return groups
+
+
+def packed_attention_reference(q, k, v, cu_seqlens, window=-1, scale=None):
+    """Masked SDPA over blocks of whole documents (see _REFERENCE_BLOCK)."""
+    bounds = cu_seqlens.tolist()
+    lengths = torch.diff(cu_seqlens)
+    outs = []
+    for i, j in _document_blocks(bounds, _REFERENCE_BLOCK):
+        doc_ids = torch.repeat_interleave(torch.arange(j - i, device=q.device), lengths[i:j])
+        qs, ks, vs = (t[bounds[i]:bounds[j]].transpose(0, 1) for t in (q, k, v))  # (H, L, Dh)
+        mask = document_mask(doc_ids, window)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _flex(q, k, v, cu_seqlens, window, scale):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T = q.shape[0]
+    doc_ids = torch.searchsorted(cu_seqlens[1:], torch.arange(T, device=q.device), right=True)
+
+    def mask_mod(b, h, qi, ki):
+        ok = (doc_ids[qi] == doc_ids[ki]) & (qi >= ki)
+        return ok & (qi - ki <= window) if window >= 0 else ok
+
+    block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+    out = flex_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask, scale=scale)
+    return out[0].transpose(0, 1)

@@ -1,0 +1,80 @@
+"""Kernel backend selection: one choice per op, resolved per device, logged once.
+
+Every op has a pure-PyTorch reference (it defines the semantics and runs on CPU) and CUDA backends
+used automatically on CUDA tensors when their package imports. ``configure`` forces a backend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+logger = logging.getLogger("hnet.ops")
+
+# op -> (reference backend, fast backends in order of preference, each with the module it needs)
+BACKENDS: dict[str, tuple[str, dict[str, str | None]]] = {
+    "ssd": ("torch", {"triton": "mamba_ssm"}),
+    "conv": ("torch", {"cuda": "causal_conv1d"}),
+    "attention": ("sdpa", {"flash_attn": "flash_attn", "varlen": None, "flex": None}),
+    "norm": ("torch", {"triton": "mamba_ssm"}),
+}
+_forced: dict[str, str] = {op: "auto" for op in BACKENDS}
+_logged: set[tuple[str, str, str]] = set()
+
+
+class BackendError(ValueError):
+    """A forced backend that does not exist or cannot run here."""
+
+
+def valid_backends(op: str) -> list[str]:
+    ref, fast = BACKENDS[op]
+    return ["auto", ref, *fast]
+
+
+def configure(**choices: str) -> None:
+    """Force backends, e.g. ``configure(ssd="torch", attention="varlen")``; "auto" restores the default."""
+    for op, name in choices.items():
+        if op not in BACKENDS:
+            raise BackendError(f"unknown op {op!r}; ops with backends: {', '.join(BACKENDS)}")
+        if name not in valid_backends(op):
+            raise BackendError(f"{op} backend {name!r} is not one of: {', '.join(valid_backends(op))}")
+        _forced[op] = name
+
+
+def _available(op: str, name: str, device: torch.device) -> bool:
+    ref, fast = BACKENDS[op]
+    if name == ref:
+        return True
+    if device.type != "cuda":
+        return False
+    if op == "attention" and name == "varlen":
+        return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    module = fast[name]
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+def resolve(op: str, device: torch.device) -> str:
+    """The backend that runs ``op`` on ``device``: the forced one, else the first available fast one."""
+    forced = _forced[op]
+    if forced != "auto":
+        if not _available(op, forced, device):
+            raise BackendError(
+                f"{op} backend {forced!r} cannot run on {device.type} here (needs CUDA and its package); "
+                f"use 'auto' or '{BACKENDS[op][0]}'"
+            )
+        name = forced
+    else:
+        ref, fast = BACKENDS[op]
+        name = next((n for n in fast if n != "flex" and _available(op, n, device)), ref)
+    key = (op, name, device.type)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("hnet.ops: %s backend on %s = %s", op, device.type, name)
+    return name
+
+
+def chosen() -> dict[str, str]:
+    """Backends resolved so far, for reports: {op: backend}."""
+    return {op: name for op, name, _ in sorted(_logged)}
