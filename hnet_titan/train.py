@@ -1,0 +1,250 @@
+"""The trainer: ``python -m hnet_titan.train --job.config_file train_configs/debug.toml [--section.key value ...]``.
+
+Build order: config -> distributed -> data -> model on meta -> parallelize -> materialise + init ->
+optimizer + schedule -> checkpoint (resume) -> loop (batch, forward, loss, backward, clip, step, log,
+validate, checkpoint).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hnet import HNetConfig, HNetConfigError, HNetForCausalLM, ops
+from hnet_titan.config import ConfigError, JobConfig
+from hnet_titan.data import DataError, build_dataloader
+from hnet_titan.losses import IGNORE_INDEX, bits_per_byte, cross_entropy_sum, ratio_loss
+from hnet_titan.metrics import MetricsLogger
+from hnet_titan.optim import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger("hnet_titan")
+
+
+USER_ERRORS = (ConfigError, HNetConfigError, DataError, ops.BackendError)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN or Inf."""
+
+
+def build_model_config(job: JobConfig) -> HNetConfig:
+    config = HNetConfig.from_json(job.model.config_path) if job.model.config_path else HNetConfig.from_flavor(job.model.flavor)
+    if len(job.loss.ratio_targets) != config.num_stages - 1:
+        raise ConfigError(
+            f"loss.ratio_targets has {len(job.loss.ratio_targets)} values but the model has "
+            f"{config.num_stages - 1} routed stages; give one target compression per stage, e.g. "
+            f"{[6.0] if config.num_stages == 2 else [3.0] * (config.num_stages - 1)}"
+        )
+    return config
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; a plain process is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+class Trainer:
+    def __init__(self, job: JobConfig):
+        self.job = job
+        self.rank, self.world, self.device = init_distributed()
+        self.dp_rank, self.dp_world = self.rank, self.world
+        torch.manual_seed(job.training.seed)
+        if job.training.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.model_config = build_model_config(job)
+        ops.configure(ssd=job.model.ssd_backend, conv=job.model.conv_backend,
+                      attention=job.model.attn_backend, norm=job.model.norm_backend)
+        self.dump = Path(job.job.dump_folder)
+        if self.rank == 0:
+            self.dump.mkdir(parents=True, exist_ok=True)
+            (self.dump / "config.toml").write_text(job.to_toml())
+            self.model_config.to_json(self.dump / "model_config.json")
+
+        t = job.training
+        rows_per_step = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * self.dp_world
+        if rows_per_step % (t.local_batch_size * self.dp_world):
+            raise ConfigError(
+                f"training.global_batch_size = {rows_per_step} is not a multiple of local_batch_size x data-parallel "
+                f"degree = {t.local_batch_size} x {self.dp_world}"
+            )
+        self.grad_accum = rows_per_step // (t.local_batch_size * self.dp_world)
+        self.train_loader = self._loader("train", job.data.sources, infinite=True)
+
+        with torch.device("meta"):
+            model = HNetForCausalLM(self.model_config)
+        model.to_empty(device=self.device)
+        model.init_weights()
+        self.model = model
+        self.optimizer = build_optimizer(model, job, self.model_config)
+        self.scheduler = build_lr_scheduler(self.optimizer, job)
+        self.step = 0
+        self.bytes_seen = 0
+        self.metrics = MetricsLogger(
+            str(self.dump), rank=self.rank, enable_tensorboard=job.metrics.enable_tensorboard,
+            save_jsonl=job.metrics.save_jsonl, enable_wandb=job.metrics.enable_wandb,
+            rank0_only=job.metrics.rank0_only, run_config=job.to_dict(),
+        )
+
+    def _loader(self, split: str, sources: list[str], infinite: bool):
+        d, t = self.job.data, self.job.training
+        return build_dataloader(
+            sources, seq_len=t.seq_len, local_batch_size=t.local_batch_size, dp_rank=self.dp_rank,
+            dp_world_size=self.dp_world, split=split, infinite=infinite, num_workers=d.num_workers,
+            text_field=d.text_field, missing_field=d.missing_field, add_eos=d.add_eos,
+            val_fraction=d.val_fraction, shuffle_files=d.shuffle_files, seed=t.seed,
+        )
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def forward_loss(self, batch: dict, num_predicted: torch.Tensor, grad_scale: float):
+        """Loss whose gradient, summed over micro-batches and averaged over ranks, is the global-batch mean."""
+        out = self.model(batch["input_ids"], batch["cu_seqlens"], batch.get("max_seqlen"))
+        ce_sum = cross_entropy_sum(out.logits, batch["labels"])
+        ratios = [ratio_loss(r, n) for r, n in zip(out.router_outputs, self.job.loss.ratio_targets)]
+        loss = ce_sum / num_predicted * self.dp_world + self.job.loss.ratio_weight * sum(ratios) / self.grad_accum
+        return loss * grad_scale, ce_sum.detach(), [r.detach() for r in ratios], out.router_outputs
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+        num_predicted = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches).float()
+        num_predicted = self._all_reduce(num_predicted)
+        ce_total = torch.zeros((), device=self.device)
+        stage_ratio = torch.zeros(self.model_config.num_stages - 1, device=self.device)
+        stage_frac = torch.zeros_like(stage_ratio)
+        for mb in micro_batches:
+            loss, ce_sum, ratios, routers = self.forward_loss(mb, num_predicted, 1.0)
+            loss.backward()
+            ce_total += ce_sum
+            for s, (r, router) in enumerate(zip(ratios, routers)):
+                stage_ratio[s] += r / self.grad_accum
+                stage_frac[s] += router.boundary_mask.float().mean().detach() / self.grad_accum
+        max_norm = self.job.training.max_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), max_norm if max_norm > 0 else float("inf"), foreach=True
+        )
+        ce = self._all_reduce(ce_total) / num_predicted
+        if not (torch.isfinite(ce) and torch.isfinite(grad_norm)):
+            raise TrainingDiverged(
+                f"step {self.step + 1}: loss {ce.item():.4g}, grad norm {grad_norm.item():.4g} is not finite; "
+                "lower optimizer.lr or training.max_norm, or resume from an earlier checkpoint"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"ce": ce, "grad_norm": grad_norm, "ratio": stage_ratio, "frac": stage_frac}
+
+    def next_micro_batches(self, it) -> list[dict]:
+        return [self._to_device(next(it)) for _ in range(self.grad_accum)]
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Bits per byte on the held-out split (or validation.sources), over a fixed number of batches."""
+        v = self.job.validation
+        loader = self._loader("val" if not v.sources else "all", v.sources or self.job.data.sources, infinite=False)
+        self.model.eval()
+        totals = torch.zeros(2, device=self.device)
+        for i, batch in enumerate(loader):
+            if i >= v.steps:
+                break
+            batch = self._to_device(batch)
+            out = self.model(batch["input_ids"], batch["cu_seqlens"], batch.get("max_seqlen"))
+            totals += torch.stack([cross_entropy_sum(out.logits, batch["labels"]),
+                                   (batch["labels"] != IGNORE_INDEX).sum().float()])
+        self.model.train()
+        totals = self._all_reduce(totals)
+        return bits_per_byte((totals[0] / totals[1].clamp(min=1)).item())
+
+    def train(self) -> None:
+        job, t = self.job, self.job.training
+        logger.info(
+            "training %s (%s parameters) on %s x %d, %d micro-batch(es) of %d x %d bytes per rank per step",
+            job.model.config_path or job.model.flavor, f"{sum(p.numel() for p in self.model.parameters()):,}",
+            self.device.type, self.world, self.grad_accum, t.local_batch_size, t.seq_len,
+        )
+        gc.disable()
+        it = iter(self.train_loader)
+        start = window_start = time.perf_counter()
+        window_bytes = 0
+        try:
+            while self.step < t.steps:
+                batches = self.next_micro_batches(it)
+                stats = self.train_step(batches)
+                self.step += 1
+                step_bytes = sum(int(b["input_ids"].numel()) for b in batches) * self.dp_world
+                self.bytes_seen += step_bytes
+                window_bytes += step_bytes
+                if self.step % t.gc_freq == 0:
+                    gc.collect(1)
+                if self.step % job.metrics.log_freq == 0 or self.step == t.steps:
+                    now = time.perf_counter()
+                    ce = stats["ce"].item()
+                    values = {
+                        "loss": ce, "bpb": bits_per_byte(ce), "grad_norm": stats["grad_norm"].item(),
+                        "lr": self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0]["lr_multiplier"],
+                        "bytes_per_sec": window_bytes / (now - window_start) / self.world,
+                        "elapsed_s": now - start,
+                        "eta_s": (now - start) / self.step * (t.steps - self.step),
+                    }
+                    for s, (r, f) in enumerate(zip(stats["ratio"].tolist(), stats["frac"].tolist())):
+                        values[f"ratio_loss/{s}"] = r
+                        values[f"bytes_per_chunk/{s}"] = 1.0 / max(f, 1e-9)
+                    self.metrics.log(self.step, values)
+                    window_start, window_bytes = time.perf_counter(), 0
+                if job.validation.enable and self.step % job.validation.freq == 0:
+                    self.metrics.log(self.step, {"bpb": self.validate()}, prefix="val/")
+        except KeyboardInterrupt:
+            logger.warning("interrupted at step %d; stopping cleanly", self.step)
+        finally:
+            gc.enable()
+            self.metrics.close()
+
+    def close(self) -> None:
+        del self.model, self.optimizer
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    try:
+        job = JobConfig.from_args(argv)
+        if job.job.print_config:
+            print(job.to_toml())
+            return 0
+        trainer = Trainer(job)
+    except USER_ERRORS as e:  # user-fixable problems: one line, no traceback
+        logger.error("%s", e)
+        return 2
+    try:
+        trainer.train()
+    except TrainingDiverged as e:
+        logger.error("%s", e)
+        return 3
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
