@@ -122,9 +122,9 @@ class HNetConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.ssm_cfg, dict):
+        if not isinstance(self.ssm_cfg, SSMConfig):  # a dict, or a user error _from_dict reports
             self.ssm_cfg = _from_dict(SSMConfig, self.ssm_cfg, "ssm_cfg.")
-        if isinstance(self.attn_cfg, dict):
+        if not isinstance(self.attn_cfg, AttnConfig):
             self.attn_cfg = _from_dict(AttnConfig, self.attn_cfg, "attn_cfg.")
         self.stages = parse_arch_layout(self.arch_layout)
         self._validate()

@@ -89,4 +89,4 @@ def ssd_scan_reference(x, dt, A, B, C, chunk_size, seq_idx, D=None, dt_bias=None
     y = y.reshape(nc * Q, H, P)[:T]
     if D is not None:
         y = y + x.reshape(nc * Q, H, P)[:T] * D.float()[:, None]
-    return y.to(out_dtype)
+    return y.to(out_dtype).contiguous()  # (T, H, P) row-major like the kernel: callers .view() it
