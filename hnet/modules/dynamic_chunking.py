@@ -8,6 +8,7 @@ its latest chunk.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,11 @@ class RouterOutput:
 
 
 class RoutingModule(nn.Module):
+    """Boundary predictor. ``force_every`` (set through ``forced_boundaries``) fixes the boundaries."""
+
     def __init__(self, d: int, device=None, dtype=None):
         super().__init__()
+        self.force_every: float | None = None
         self.q_proj_layer = nn.Linear(d, d, bias=False, device=device, dtype=dtype)
         self.k_proj_layer = nn.Linear(d, d, bias=False, device=device, dtype=dtype)
 
@@ -44,14 +48,40 @@ class RoutingModule(nn.Module):
         p = F.pad(p, (1, 0), value=1.0)
         starts = torch.zeros_like(p, dtype=torch.bool).index_fill_(0, seq.cu_seqlens[:-1].long(), True)
         p = torch.where(starts, torch.ones_like(p), p)
-        mask = p > 0.5
-        return RouterOutput(p, mask, torch.maximum(p, 1 - p))
+        mask = p > 0.5 if self.force_every is None else _every(seq.position_ids, self.force_every)
+        # Probability of the decision taken: max(p, 1 - p) under natural routing.
+        return RouterOutput(p, mask, torch.where(mask, p, 1 - p))
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """Identity: at init a boundary falls where consecutive encoder states differ most."""
         for layer in (self.q_proj_layer, self.k_proj_layer):
             _copy_full(layer.weight, torch.eye(layer.weight.shape[0], device=layer.weight.device))
+
+
+def _every(position_ids: torch.Tensor, n: float) -> torch.Tensor:
+    """A boundary wherever floor(position / n) steps up: every document start, ceil(L / n) per document."""
+    pos = position_ids.double()
+    return (pos == 0) | (torch.floor(pos / n) != torch.floor((pos - 1) / n))
+
+
+@contextmanager
+def forced_boundaries(model: nn.Module, compression: list[float] | None):
+    """Within the block, stage s keeps every compression[s]-th position of each document (outer first).
+
+    Benchmarks need a fixed workload: an untrained router's ratio is arbitrary. ``None`` leaves
+    routing natural. Probabilities still come from the router, so gradients and losses stay defined.
+    """
+    routers = [stage.routing_module for stage in model.stages()[:-1]]
+    if compression is not None and len(compression) != len(routers):
+        raise ValueError(f"forced compression needs {len(routers)} values (one per routed stage), got {compression}")
+    try:
+        for router, n in zip(routers, compression or [None] * len(routers)):
+            router.force_every = n
+        yield
+    finally:
+        for router in routers:
+            router.force_every = None
 
 
 def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:

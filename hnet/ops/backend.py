@@ -21,7 +21,7 @@ BACKENDS: dict[str, tuple[str, dict[str, str | None]]] = {
     "norm": ("torch", {"triton": "mamba_ssm"}),
 }
 _forced: dict[str, str] = {op: "auto" for op in BACKENDS}
-_logged: set[tuple[str, str, str]] = set()
+_last: dict[tuple[str, str], str] = {}  # (op, device type) -> backend of the latest call
 
 
 class BackendError(ValueError):
@@ -68,13 +68,12 @@ def resolve(op: str, device: torch.device) -> str:
     else:
         ref, fast = BACKENDS[op]
         name = next((n for n in fast if n != "flex" and _available(op, n, device)), ref)
-    key = (op, name, device.type)
-    if key not in _logged:
-        _logged.add(key)
+    if _last.get((op, device.type)) != name:
+        _last[(op, device.type)] = name
         logger.info("hnet.ops: %s backend on %s = %s", op, device.type, name)
     return name
 
 
-def chosen() -> dict[str, str]:
-    """Backends resolved so far, for reports: {op: backend}."""
-    return {op: name for op, name, _ in sorted(_logged)}
+def chosen(device_type: str | None = None) -> dict[str, str]:
+    """The backend each op used in its latest call (on ``device_type``, default: any), for reports."""
+    return {op: name for (op, dev), name in sorted(_last.items()) if device_type in (None, dev)}

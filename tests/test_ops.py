@@ -1,0 +1,261 @@
+"""hnet.ops reference kernels against plain, obviously-correct loops, and backend selection."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hnet.ops
+import hnet.ops.attention as attention_ops
+from hnet.modules.dynamic_chunking import RouterOutput, chunk, dechunk
+from hnet.modules.packing import PackedSeq
+from hnet.ops import BackendError
+from hnet.ops.attention import packed_attention, packed_attention_reference
+from hnet.ops.backend import BACKENDS
+from hnet.ops.conv import causal_conv1d, causal_conv1d_reference
+from hnet.ops.ssd import ssd_scan, ssd_scan_reference
+
+
+def cu(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def seq_idx(lengths: list[int]) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
+    scale = float(expected.abs().max())
+    err = float((actual.double() - expected.double()).abs().max())
+    assert err <= rel * scale, f"max abs error {err:.3e} > {rel:g} * {scale:.3e}"
+
+
+# ---- SSD scan ------------------------------------------------------------------------------------
+
+
+def ssd_loop(x, dt, A, B, C, sidx, D, dt_bias):
+    """Sequential fp64 recurrence: h = exp(dt A) h + dt x B^T, y = h C + D x, h = 0 at each new document."""
+    x, dt, A, B, C, D, dt_bias = (t.double() for t in (x, dt, A, B, C, D, dt_bias))
+    T, H, P = x.shape
+    G, N = B.shape[1:]
+    dt = F.softplus(dt + dt_bias)
+    y = torch.zeros(T, H, P, dtype=torch.float64)
+    h = torch.zeros(H, P, N, dtype=torch.float64)
+    for t in range(T):
+        if t == 0 or sidx[t] != sidx[t - 1]:
+            h = torch.zeros_like(h)
+        for head in range(H):
+            g = head // (H // G)
+            h[head] = torch.exp(dt[t, head] * A[head]) * h[head] + dt[t, head] * torch.outer(x[t, head], B[t, g])
+            y[t, head] = h[head] @ C[t, g] + D[head] * x[t, head]
+    return y
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_ssd_reference_matches_sequential_loop(G):
+    # chunk 16; T = 77 (not a multiple); documents of length 1, one starting exactly on a chunk boundary,
+    # one spanning three chunks, and a trailing partial chunk.
+    lengths = [1, 15, 16, 1, 40, 4]
+    T, H, P, N, Q = sum(lengths), 4, 8, 6, 16
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, P, generator=g)
+    dt = torch.randn(T, H, generator=g) - 1.0
+    dt_bias = torch.randn(H, generator=g) * 0.5
+    A = -torch.exp(torch.rand(H, generator=g) * 2)
+    B = torch.randn(T, G, N, generator=g)
+    C = torch.randn(T, G, N, generator=g)
+    D = torch.randn(H, generator=g)
+    sidx = seq_idx(lengths)
+
+    y = ssd_scan_reference(x, dt, A, B, C, Q, sidx, D=D, dt_bias=dt_bias, dt_softplus=True)
+    expected = ssd_loop(x, dt, A, B, C, sidx, D, dt_bias)
+    assert y.shape == (T, H, P) and y.dtype == torch.float32
+    assert_rel_close(y, expected, 1e-4)
+    # The dispatcher picks the reference on CPU.
+    y2 = ssd_scan(x, dt, A, B, C, chunk_size=Q, seq_idx=sidx, D=D, dt_bias=dt_bias, dt_softplus=True)
+    assert torch.equal(y, y2)
+
+
+def test_ssd_reference_documents_are_independent():
+    # Without resets the states would leak: the second document must not depend on the first.
+    T, H, P, N = 40, 2, 4, 3
+    g = torch.Generator().manual_seed(1)
+    x, dt = torch.randn(T, H, P, generator=g), torch.rand(T, H, generator=g)
+    A, B, C = -torch.ones(H), torch.randn(T, 1, N, generator=g), torch.randn(T, 1, N, generator=g)
+    sidx = seq_idx([23, 17])
+    y = ssd_scan_reference(x, dt, A, B, C, 16, sidx)
+    alone = ssd_scan_reference(x[23:], dt[23:], A, B[23:], C[23:], 16, torch.zeros(17, dtype=torch.int32))
+    torch.testing.assert_close(y[23:], alone, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous()
+
+
+# ---- dechunk EMA ---------------------------------------------------------------------------------
+
+
+def make_router(lengths: list[int], seed: int) -> tuple[RouterOutput, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    p = torch.rand(T, generator=g)
+    p[::7] = 1 - 1e-7  # above the clamp: must be clamped to 1 - 1e-4
+    p[3::11] = 0.5  # exactly 0.5 is not a boundary (strict >)
+    cus = cu(lengths)
+    p[cus[:-1].long()] = 1.0
+    mask = p > 0.5
+    return RouterOutput(p, mask, torch.maximum(p, 1 - p)), cus
+
+
+def test_dechunk_matches_ema_loop():
+    # Enough chunks (> 256) to cross the internal SSD chunk of the dechunk scan; several documents.
+    lengths = [1, 130, 2, 420, 57, 1]
+    router, cus = make_router(lengths, seed=0)
+    counts = [int(router.boundary_mask[a:b].sum()) for a, b in zip(cus[:-1].tolist(), cus[1:].tolist())]
+    assert sum(counts) > 256
+    chunk_cu = cu(counts)
+    d = 64
+    chunks = torch.randn(sum(counts), d, generator=torch.Generator().manual_seed(1))
+    out = dechunk(chunks, router, PackedSeq(chunk_cu))
+
+    # Plain loop in fp64: EMA over chunks with reset at each chunk-level document.
+    P = router.boundary_prob[router.boundary_mask].double().clamp(1e-4, 1 - 1e-4)
+    chunk_doc = seq_idx(counts)
+    z = torch.zeros(len(P), d, dtype=torch.float64)
+    prev = torch.zeros(d, dtype=torch.float64)
+    for i in range(len(P)):
+        if i == 0 or chunk_doc[i] != chunk_doc[i - 1]:
+            prev = torch.zeros(d, dtype=torch.float64)
+        prev = P[i] * chunks[i].double() + (1 - P[i]) * prev
+        z[i] = prev
+    expected = torch.stack([z[int(router.boundary_mask[: t + 1].sum()) - 1] for t in range(sum(lengths))])
+    assert out.shape == (sum(lengths), d) and out.dtype == chunks.dtype
+    assert_rel_close(out, expected, 1e-4)
+
+
+def test_chunk_keeps_boundaries_and_counts_per_document():
+    lengths = [1, 9, 2, 20]
+    router, cus = make_router(lengths, seed=3)
+    hidden = torch.randn(sum(lengths), 8)
+    kept, chunk_seq = chunk(hidden, router, PackedSeq(cus))
+    assert torch.equal(kept, hidden[router.boundary_mask])
+    counts = [int(router.boundary_mask[a:b].sum()) for a, b in zip(cus[:-1].tolist(), cus[1:].tolist())]
+    assert chunk_seq.cu_seqlens.dtype == torch.int32
+    assert chunk_seq.cu_seqlens.tolist() == cu(counts).tolist()
+    assert all(c >= 1 for c in counts)  # every document starts with a boundary
+
+
+# ---- causal conv ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_causal_conv_matches_per_document_conv(activation):
+    lengths = [1, 2, 3, 10, 5, 1]  # several shorter than the width 4
+    Dm, W = 6, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(lengths), Dm, generator=g)
+    weight = torch.randn(Dm, W, generator=g)
+    bias = torch.randn(Dm, generator=g)
+    out = causal_conv1d_reference(x, weight, bias, seq_idx(lengths), activation)
+    pieces = []
+    for doc in torch.split(x, lengths):
+        y = F.conv1d(F.pad(doc.t()[None], (W - 1, 0)), weight[:, None, :], bias, groups=Dm)[0].t()
+        pieces.append(F.silu(y) if activation == "silu" else y)
+    torch.testing.assert_close(out, torch.cat(pieces), rtol=1e-5, atol=1e-5)
+    if activation == "silu":
+        assert torch.equal(causal_conv1d(x, weight, bias, seq_idx(lengths)), out)
+
+
+# ---- packed attention ----------------------------------------------------------------------------
+
+
+def attention_per_document(q, k, v, lengths, window):
+    outs, start = [], 0
+    for n in lengths:
+        qs, ks, vs = (t[start : start + n].transpose(0, 1) for t in (q, k, v))
+        i = torch.arange(n)[:, None]
+        j = torch.arange(n)[None, :]
+        mask = j <= i
+        if window >= 0:
+            mask &= i - j <= window
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1))
+        start += n
+    return torch.cat(outs)
+
+
+def qkv(T, H=2, Dh=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(T, H, Dh, generator=g) for _ in range(3))
+
+
+@pytest.mark.parametrize("window", [-1, 0, 3])
+def test_packed_attention_matches_per_document(window):
+    lengths = [1, 5, 2, 30, 9]
+    q, k, v = qkv(sum(lengths))
+    out = packed_attention_reference(q, k, v, cu(lengths), window)
+    torch.testing.assert_close(out, attention_per_document(q, k, v, lengths, window), rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed_attention(q, k, v, cu(lengths), max(lengths), window), out)
+    if window == 0:  # attends to itself only
+        torch.testing.assert_close(out, v, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [-1, 5])
+def test_packed_attention_across_reference_blocks(window):
+    assert attention_ops._REFERENCE_BLOCK == 2048
+    lengths = [1, 1200, 900, 2100, 5]  # > 2048 in total, and one document longer than a block
+    q, k, v = qkv(sum(lengths), H=1, Dh=4, seed=1)
+    out = packed_attention_reference(q, k, v, cu(lengths), window)
+    torch.testing.assert_close(out, attention_per_document(q, k, v, lengths, window), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_attention_small_block_grouping(monkeypatch):
+    monkeypatch.setattr(attention_ops, "_REFERENCE_BLOCK", 7)
+    lengths = [3, 3, 1, 9, 2, 4, 1]
+    q, k, v = qkv(sum(lengths), seed=2)
+    out = packed_attention_reference(q, k, v, cu(lengths), 2)
+    torch.testing.assert_close(out, attention_per_document(q, k, v, lengths, 2), rtol=1e-5, atol=1e-5)
+
+
+# ---- backend selection ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_backends():
+    yield
+    hnet.ops.configure(**{op: "auto" for op in BACKENDS})
+
+
+def test_configure_rejects_unknown_op_and_backend(restore_backends):
+    with pytest.raises(BackendError, match=r"unknown op 'sdd'.*ssd"):
+        hnet.ops.configure(sdd="torch")
+    with pytest.raises(BackendError, match=r"ssd backend 'cuda' is not one of: auto, torch, triton"):
+        hnet.ops.configure(ssd="cuda")
+    with pytest.raises(BackendError, match=r"attention backend 'xformers'"):
+        hnet.ops.configure(attention="xformers")
+    assert issubclass(BackendError, ValueError)
+
+
+def test_forced_cuda_backend_fails_on_cpu_when_run(restore_backends):
+    T = 6
+    sidx = torch.zeros(T, dtype=torch.int32)
+    x, dt = torch.randn(T, 1, 4), torch.rand(T, 1)
+    B = C = torch.randn(T, 1, 2)
+    q = k = v = torch.randn(T, 1, 4)
+
+    hnet.ops.configure(ssd="triton")  # configuring is fine; running on CPU is not
+    with pytest.raises(BackendError, match=r"ssd backend 'triton' cannot run on cpu"):
+        ssd_scan(x, dt, -torch.ones(1), B, C, chunk_size=4, seq_idx=sidx)
+    hnet.ops.configure(ssd="torch", conv="cuda")
+    ssd_scan(x, dt, -torch.ones(1), B, C, chunk_size=4, seq_idx=sidx)  # the reference runs
+    with pytest.raises(BackendError, match=r"conv backend 'cuda' cannot run on cpu"):
+        causal_conv1d(torch.randn(T, 3), torch.randn(3, 4), None, sidx)
+    for name in ("flash_attn", "varlen", "flex"):
+        hnet.ops.configure(attention=name)
+        with pytest.raises(BackendError, match=rf"attention backend '{name}' cannot run on cpu"):
+            packed_attention(q, k, v, cu([T]), T)
+    hnet.ops.configure(norm="triton")
+    with pytest.raises(BackendError, match=r"norm backend 'triton'"):
+        hnet.ops.rms_norm(torch.randn(T, 4), torch.ones(4), 1e-5)
+
+    hnet.ops.configure(**{op: "auto" for op in BACKENDS})
+    assert hnet.ops.resolve("ssd", torch.device("cpu")) == "torch"
+    assert hnet.ops.resolve("attention", torch.device("cpu")) == "sdpa"
+    assert math.isfinite(float(packed_attention(q, k, v, cu([T]), T).sum()))
