@@ -7,7 +7,11 @@ inputs (outputs and input gradients). End to end: the flavor in bf16 on the fast
 same weights in fp32 on the reference path, with boundaries forced at the paper's compression so
 both runs chunk identically (an untrained router puts many probabilities near 0.5, where bf16
 rounding flips decisions and the two runs would compare different sequences). Reported: relative
-error ||fast - ref|| / ||ref|| of logits and of every parameter's gradient. Needs a CUDA GPU.
+error ||fast - ref|| / ||ref|| of logits, of all gradients together and of every parameter's gradient,
+next to the same errors of the reference path run in bf16 (the bf16 floor: per-head scalars such as
+A_log and dt_bias sum over every position and are noisy in bf16 whatever the kernels). Pass: logits
+and all gradients within the tolerance, and each parameter within it or within 10% of its floor.
+Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from hnet.ops.ssd import ssd_scan  # noqa: E402
 
 REFERENCE = {"ssd": "torch", "conv": "torch", "attention": "sdpa", "norm": "torch"}
 FAST = {"ssd": "auto", "conv": "auto", "attention": "auto", "norm": "auto"}
+TOLERANCE_FLOOR_FACTOR = 1.1
 COMPRESSION = {"hnet_1stage_L": [6.0], "hnet_2stage_L": [3.0, 3.0], "hnet_1stage_XL": [6.0], "hnet_2stage_XL": [3.0, 3.0]}
 
 
@@ -113,7 +118,7 @@ def grads_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
 
 
-def check_model(flavor: str, docs: int, doc_len: int) -> dict:
+def check_model(flavor: str, docs: int, doc_len: int, tolerance: float) -> dict:
     dev = torch.device("cuda")
     config = HNetConfig.from_flavor(flavor)
     torch.manual_seed(0)
@@ -149,10 +154,13 @@ def check_model(flavor: str, docs: int, doc_len: int) -> dict:
     grad_errs = {n: rel_err(runs["fast"]["grads"][n], g) for n, g in ref["grads"].items()}
     floor_errs = {n: rel_err(runs["ref_bf16"]["grads"][n], g) for n, g in ref["grads"].items()}
     worst = sorted(grad_errs.items(), key=lambda kv: -kv[1])[:5]
+    # A tensor passes at the tolerance or, where bf16 itself is worse, within 10% of the bf16 floor.
+    within_floor = all(e <= max(TOLERANCE_FLOOR_FACTOR * floor_errs[n], tolerance) for n, e in grad_errs.items())
     flat = {k: torch.cat([g.double().flatten() for g in runs[k]["grads"].values()]) for k in runs}
     return {
         "logits": rel_err(runs["fast"]["logits"], ref["logits"]),
         "grad_global": rel_err(flat["fast"], flat["ref"]),
+        "within_floor": within_floor,
         "bf16_floor": {  # the reference path itself in bf16 against fp32: what bf16 allows
             "logits": rel_err(runs["ref_bf16"]["logits"], ref["logits"]),
             "grad_max": max(floor_errs.values()), "grad_global": rel_err(flat["ref_bf16"], flat["ref"]),
@@ -180,7 +188,7 @@ def main() -> int:
         return 2
     report = {"device": torch.cuda.get_device_name(), "ops": check_ops(args.docs, args.doc_len), "models": {}}
     for flavor in args.flavors.split(","):
-        report["models"][flavor] = check_model(flavor, args.docs, args.doc_len)
+        report["models"][flavor] = check_model(flavor, args.docs, args.doc_len, args.tolerance)
         torch.cuda.empty_cache()
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=str))
@@ -191,14 +199,15 @@ def main() -> int:
         g = max((v for k, v in r.items() if k.startswith("grad")), default=math.nan)
         print(f"{name:42s} {r['out']:10.2e} {g:12.2e}")
     for flavor, r in report["models"].items():
-        ok &= r["logits"] <= args.tolerance and r["grad_max"] <= args.tolerance
+        ok &= r["logits"] <= args.tolerance and r["grad_global"] <= args.tolerance and r["within_floor"]
         f = r["bf16_floor"]
         print(f"{flavor + ' end to end':42s} {r['logits']:10.2e} {r['grad_max']:12.2e} {r['grad_global']:12.2e}"
               f"   worst: {r['grad_worst'][0][0]}")
         print(f"{'  reference path in bf16 (the bf16 floor)':42s} {f['logits']:10.2e} {f['grad_max']:12.2e} "
               f"{f['grad_global']:12.2e}   worst: {f['grad_worst'][0][0]}")
         print(f"  fast backends: {r['backends']}")
-    print("PASS" if ok else f"FAIL: end-to-end error above {args.tolerance}")
+    print("PASS" if ok else f"FAIL: end-to-end error above {args.tolerance} (logits, all gradients) or a gradient "
+          f"worse than {TOLERANCE_FLOOR_FACTOR} x its bf16 floor")
     return 0 if ok else 1
 
 

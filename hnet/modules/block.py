@@ -58,8 +58,11 @@ class Isotropic(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(Block(s, config, stage, device, dtype) for s in specs)
         self.rmsnorm = RMSNorm(config.d_model[stage], device=device, dtype=dtype)
+        self.has_attention = any(s.mixer != "mamba" for s in specs)
+        self.rotary_dim = config.attn_cfg.rotary_emb_dim[stage] if self.has_attention else 0
 
     def forward(self, hidden: torch.Tensor, seq: PackedSeq) -> torch.Tensor:
+        seq.precompute(self.has_attention, self.rotary_dim)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, seq)

@@ -96,16 +96,26 @@ def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def chunk(hidden: torch.Tensor, router: RouterOutput, seq: PackedSeq) -> tuple[torch.Tensor, PackedSeq]:
-    """Keep boundary positions; the chunk-level documents follow from the boundary count per document."""
-    kept = hidden[router.boundary_mask]
+    """Keep boundary positions; the chunk-level documents follow from the boundary count per document.
+
+    The chunk-level cu_seqlens come to the host once (the stage's only sync): they give the chunk count,
+    so the gather needs no sync of its own, and the longest chunk document for attention kernels.
+    """
     counts = router.boundary_mask.cumsum(0)[seq.cu_seqlens[1:].long() - 1]
     next_cu = F.pad(counts, (1, 0)).to(torch.int32)
-    return kept, PackedSeq(next_cu, total=kept.shape[0])
+    host = next_cu.cpu()
+    chunk_seq = PackedSeq(next_cu, total=int(host[-1]), max_seqlen=int(torch.diff(host).max()))
+    return hidden.index_select(0, _boundary_index(router, chunk_seq)), chunk_seq
+
+
+def _boundary_index(router: RouterOutput, chunk_seq: PackedSeq) -> torch.Tensor:
+    """Positions of the boundaries, with their count known up front (no host sync)."""
+    return torch.nonzero_static(router.boundary_mask, size=chunk_seq.total).squeeze(1)
 
 
 def dechunk(chunks: torch.Tensor, router: RouterOutput, chunk_seq: PackedSeq) -> torch.Tensor:
     """EMA over the chunk sequence, then plugged back so each byte gets the EMA of its latest chunk."""
-    P = router.boundary_prob[router.boundary_mask].float().clamp(1e-4, 1 - 1e-4)
+    P = router.boundary_prob.index_select(0, _boundary_index(router, chunk_seq)).float().clamp(1e-4, 1 - 1e-4)
     n, d = chunks.shape
     heads = d // DECHUNK_HEADDIM
     dt = torch.log(1 / (1 - P))

@@ -35,6 +35,18 @@ class PackedSeq:
         pos = torch.arange(self.total, device=self.cu_seqlens.device)
         return pos - self.cu_seqlens[self.seq_idx].long()
 
+    def precompute(self, attention: bool, rotary_dim: int = 0) -> None:
+        """Build the layout a network needs before its blocks run.
+
+        A compiled block that built it would break its graph (cached_property takes a lock) and
+        recompile between its first and later calls on a sequence.
+        """
+        self.seq_idx
+        if attention:
+            self.max_seqlen
+            if rotary_dim:
+                self.rotary(rotary_dim)
+
     def rotary(self, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (T, dim/2) cos and sin tables for non-interleaved rotary embeddings, cached per dim."""
         key = (dim, base)

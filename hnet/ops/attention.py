@@ -7,6 +7,7 @@ i - window <= j <= i (window -1: all j <= i). q, k, v are (T, H, Dh); documents 
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -28,7 +29,7 @@ def packed_attention(
     window: int = -1,
     scale: float | None = None,
 ) -> torch.Tensor:
-    backend = resolve("attention", q.device)
+    backend = resolve("attention", q.device, q.dtype)
     if backend == "varlen":
         return _varlen(q, k, v, cu_seqlens, max_seqlen, window, scale)
     if backend == "flash_attn":
@@ -43,10 +44,17 @@ def packed_attention(
     return packed_attention_reference(q, k, v, cu_seqlens, window, scale)
 
 
+@functools.cache
+def _varlen_has_window() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "window_size" in inspect.signature(varlen_attn).parameters
+
+
 def _varlen(q, k, v, cu_seqlens, max_seqlen, window, scale):
     from torch.nn.attention.varlen import varlen_attn
 
-    if "window_size" in inspect.signature(varlen_attn).parameters:
+    if _varlen_has_window():
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, window_size=(window, 0))
     if window >= 0:  # older torch: varlen_attn has no window; fall back to the exact masked path
         return packed_attention_reference(q, k, v, cu_seqlens, window, scale)
@@ -73,6 +81,9 @@ def _document_blocks(bounds: list[int], block: int) -> list[tuple[int, int]]:
     return groups
 
 
+# Eager even inside compiled blocks: its Python control flow follows the data (host syncs, loops
+# over chunks or documents), so a compiled version would recompile for every new layout.
+@torch.compiler.disable
 def packed_attention_reference(q, k, v, cu_seqlens, window=-1, scale=None):
     """Masked SDPA over blocks of whole documents (see _REFERENCE_BLOCK)."""
     bounds = cu_seqlens.tolist()

@@ -43,11 +43,17 @@ def configure(**choices: str) -> None:
         _forced[op] = name
 
 
-def _available(op: str, name: str, device: torch.device) -> bool:
+# Flash-attention kernels (flash_attn, PyTorch varlen) take only half-precision inputs.
+_HALF_ONLY = {("attention", "flash_attn"), ("attention", "varlen")}
+
+
+def _available(op: str, name: str, device: torch.device, dtype: torch.dtype | None) -> bool:
     ref, fast = BACKENDS[op]
     if name == ref:
         return True
     if device.type != "cuda":
+        return False
+    if (op, name) in _HALF_ONLY and dtype not in (torch.float16, torch.bfloat16, None):
         return False
     if op == "attention" and name == "varlen":
         return importlib.util.find_spec("torch.nn.attention.varlen") is not None
@@ -55,19 +61,19 @@ def _available(op: str, name: str, device: torch.device) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
 
-def resolve(op: str, device: torch.device) -> str:
-    """The backend that runs ``op`` on ``device``: the forced one, else the first available fast one."""
+def resolve(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs ``op`` on ``device`` for ``dtype`` inputs: the forced one, else the first fast one."""
     forced = _forced[op]
     if forced != "auto":
-        if not _available(op, forced, device):
+        if not _available(op, forced, device, dtype):
             raise BackendError(
-                f"{op} backend {forced!r} cannot run on {device.type} here (needs CUDA and its package); "
-                f"use 'auto' or '{BACKENDS[op][0]}'"
+                f"{op} backend {forced!r} cannot run on {device.type} {dtype or ''} inputs here (needs CUDA, its "
+                f"package, and half precision for flash kernels); use 'auto' or '{BACKENDS[op][0]}'"
             )
         name = forced
     else:
         ref, fast = BACKENDS[op]
-        name = next((n for n in fast if n != "flex" and _available(op, n, device)), ref)
+        name = next((n for n in fast if n != "flex" and _available(op, n, device, dtype)), ref)
     if _last.get((op, device.type)) != name:
         _last[(op, device.type)] = name
         logger.info("hnet.ops: %s backend on %s = %s", op, device.type, name)

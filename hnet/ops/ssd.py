@@ -39,6 +39,9 @@ def ssd_scan(
     return ssd_scan_reference(x, dt, A, B, C, chunk_size, seq_idx, D, dt_bias, dt_softplus)
 
 
+# Eager even inside compiled blocks: its Python control flow follows the data (host syncs, loops
+# over chunks or documents), so a compiled version would recompile for every new layout.
+@torch.compiler.disable
 def ssd_scan_reference(x, dt, A, B, C, chunk_size, seq_idx, D=None, dt_bias=None, dt_softplus=False):
     """Chunked SSD in fp32 with document resets (see module docstring)."""
     T, H, P = x.shape
