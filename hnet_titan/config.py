@@ -100,9 +100,10 @@ class Optimizer:
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # torch kernel path
     # Learning-rate multiplier per hierarchy stage, outer first; "auto" derives them from the model.
     lr_multipliers: Literal["auto"] | list[float] = "auto"
-    # Parameter-name patterns exempt from weight decay.
+    # Exempt from weight decay: parameters with a dotted name component matching one of these
+    # fnmatch patterns (norm weights, biases incl. dt_bias, Mamba A_log and D, pad_dimension).
     no_weight_decay: list[str] = field(
-        default_factory=lambda: ["norm", "bias", "A_log", "dt_bias", "D", "pad_dimension"]
+        default_factory=lambda: ["*norm*", "*bias", "A_log", "D", "pad_dimension"]
     )
 
 
@@ -143,6 +144,7 @@ class Parallelism:
     data_parallel_replicate_degree: int = 1  # replica groups (HSDP / DDP)
     dp_mode: Literal["fsdp", "ddp"] = "fsdp"  # data-parallel wrapper
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"  # FSDP memory/speed trade
+    timeout_s: int = 600  # collective timeout: a rank waiting longer on the others fails
 
 
 @dataclass
@@ -227,6 +229,7 @@ _BOUNDS = {
     "checkpoint.load_step": ">= -1",
     "parallelism.data_parallel_shard_degree": "-1 or >= 1",
     "parallelism.data_parallel_replicate_degree": ">= 1",
+    "parallelism.timeout_s": ">= 1",
     "activation_checkpoint.every_n": ">= 1",
     "metrics.log_freq": ">= 1",
     "metrics.peak_tflops": ">= 0",

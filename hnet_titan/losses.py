@@ -5,6 +5,9 @@ Cross-entropy is summed and divided by the number of predicted bytes of the whol
 ranks changes the loss. The ratio loss of stage s with target N pushes the boundary fraction
 F = mean(b) and the mean boundary probability G = mean(p) towards 1/N:
     N / (N - 1) * ((N - 1) * F * G + (1 - F) * (1 - G))      (minimum 1 at F = G = 1/N).
+F and G are means over one micro-batch, as in the reference; the trainer averages the ratio loss over
+micro-batches and ranks. Being a product of means it is not additive over rows, so, unlike CE, it
+changes slightly when a batch is split differently.
 """
 
 from __future__ import annotations

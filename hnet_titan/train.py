@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
-import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,21 +17,57 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hnet import HNetConfig, HNetConfigError, HNetForCausalLM, ops
+from hnet import HNetConfig, HNetConfigError, ops
+from hnet_titan.checkpoint import CheckpointManager
 from hnet_titan.config import ConfigError, JobConfig
 from hnet_titan.data import DataError, build_dataloader
+from hnet_titan.ft import FTManager, data_parallel
 from hnet_titan.losses import IGNORE_INDEX, bits_per_byte, cross_entropy_sum, ratio_loss
-from hnet_titan.metrics import MetricsLogger
+from hnet_titan.metrics import MetricsLogger, ThroughputMeter, device_peak_tflops
+from hnet_titan.model_io import CheckpointError
 from hnet_titan.optim import build_lr_scheduler, build_optimizer
+from hnet_titan.parallelize import build_mesh, build_model, dp_rank_and_size, init_distributed
 
 logger = logging.getLogger("hnet_titan")
 
 
-USER_ERRORS = (ConfigError, HNetConfigError, DataError, ops.BackendError)
+USER_ERRORS = (ConfigError, HNetConfigError, DataError, CheckpointError, ops.BackendError)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN or Inf."""
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (preemption) end training after the current step, on every rank.
+
+    Stopping inside a step would checkpoint a dataloader ahead of the model, and ranks stopping at
+    different steps would wait forever on each other's collectives; a second signal interrupts at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.received = device, False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = True
+        logger.warning("%s: stopping after this step (send it again to stop at once)", signal.Signals(signum).name)
+
+    def __call__(self) -> bool:
+        """Whether any rank got a signal: a collective, so every rank asks after every step."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.received
+        flag = torch.tensor([float(self.received)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def build_model_config(job: JobConfig) -> HNetConfig:
@@ -46,23 +81,15 @@ def build_model_config(job: JobConfig) -> HNetConfig:
     return config
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment; a plain process is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
-
-
 class Trainer:
     def __init__(self, job: JobConfig):
         self.job = job
-        self.rank, self.world, self.device = init_distributed()
-        self.dp_rank, self.dp_world = self.rank, self.world
+        self.rank, self.world, self.device = init_distributed(job.parallelism.timeout_s)
+        self.mesh = build_mesh(job.parallelism, self.world, self.device.type)
+        self.dp_rank, self.dp_world = dp_rank_and_size(self.mesh)
+        if job.fault_tolerance.enable:  # shard the data over every replica group; ft.py positions it
+            self.dp_rank, self.dp_world = data_parallel(job, self.dp_rank, self.dp_world)
+            job.checkpoint.exclude_from_loading = [*job.checkpoint.exclude_from_loading, "dataloader"]
         torch.manual_seed(job.training.seed)
         if job.training.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -85,19 +112,29 @@ class Trainer:
         self.grad_accum = rows_per_step // (t.local_batch_size * self.dp_world)
         self.train_loader = self._loader("train", job.data.sources, infinite=True)
 
-        with torch.device("meta"):
-            model = HNetForCausalLM(self.model_config)
-        model.to_empty(device=self.device)
-        model.init_weights()
-        self.model = model
-        self.optimizer = build_optimizer(model, job, self.model_config)
+        self.model = build_model(self.model_config, job, self.mesh, self.device)
+        self.optimizer = build_optimizer(self.model, job, self.model_config)
         self.scheduler = build_lr_scheduler(self.optimizer, job)
         self.step = 0
         self.bytes_seen = 0
+        self.grad_ranks = self.dp_world  # ranks a step's gradient is averaged over; per step under ft
+        self.checkpoint = CheckpointManager(
+            job, model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+            dataloader=self.train_loader, trainer=self, model_config=self.model_config,
+            dp_rank=self.dp_rank, dp_world_size=self.dp_world,
+        )
+        self.ft = FTManager(
+            job, model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+            dataloader=self.train_loader, trainer=self, group_rank=self.rank, group_world_size=self.world,
+        ) if job.fault_tolerance.enable else None
         self.metrics = MetricsLogger(
-            str(self.dump), rank=self.rank, enable_tensorboard=job.metrics.enable_tensorboard,
+            str(self.dump if self.ft is None else self.ft.folder), rank=self.rank,
+            enable_tensorboard=job.metrics.enable_tensorboard,
             save_jsonl=job.metrics.save_jsonl, enable_wandb=job.metrics.enable_wandb,
             rank0_only=job.metrics.rank0_only, run_config=job.to_dict(),
+        )
+        self.throughput = ThroughputMeter(
+            self.model_config, self.device, device_peak_tflops(self.device, job.metrics.peak_tflops)
         )
 
     def _loader(self, split: str, sources: list[str], infinite: bool):
@@ -114,26 +151,34 @@ class Trainer:
             dist.all_reduce(tensor)
         return tensor
 
+    def _batch_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks of the step's batch: this group's and, under ft, the quorum's groups'."""
+        tensor = self._all_reduce(tensor)
+        return tensor if self.ft is None else self.ft.all_reduce_sum(tensor)
+
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def forward_loss(self, batch: dict, num_predicted: torch.Tensor, grad_scale: float):
+    def forward_loss(self, batch: dict, num_predicted: torch.Tensor):
         """Loss whose gradient, summed over micro-batches and averaged over ranks, is the global-batch mean."""
         out = self.model(batch["input_ids"], batch["cu_seqlens"], batch.get("max_seqlen"))
         ce_sum = cross_entropy_sum(out.logits, batch["labels"])
         ratios = [ratio_loss(r, n) for r, n in zip(out.router_outputs, self.job.loss.ratio_targets)]
-        loss = ce_sum / num_predicted * self.dp_world + self.job.loss.ratio_weight * sum(ratios) / self.grad_accum
-        return loss * grad_scale, ce_sum.detach(), [r.detach() for r in ratios], out.router_outputs
+        loss = ce_sum / num_predicted * self.grad_ranks + self.job.loss.ratio_weight * sum(ratios) / self.grad_accum
+        routers, cu_seqlens = out.router_outputs, out.stage_cu_seqlens
+        return loss, ce_sum.detach(), [r.detach() for r in ratios], routers, cu_seqlens
 
-    def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+    def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor | list | bool]:
         num_predicted = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches).float()
-        num_predicted = self._all_reduce(num_predicted)
+        num_predicted = self._batch_sum(num_predicted)
         ce_total = torch.zeros((), device=self.device)
         stage_ratio = torch.zeros(self.model_config.num_stages - 1, device=self.device)
         stage_frac = torch.zeros_like(stage_ratio)
+        stage_cu_seqlens = []  # per micro-batch, for the FLOPs of the step; stays on the device
         for mb in micro_batches:
-            loss, ce_sum, ratios, routers = self.forward_loss(mb, num_predicted, 1.0)
+            loss, ce_sum, ratios, routers, cu_seqlens = self.forward_loss(mb, num_predicted)
             loss.backward()
+            stage_cu_seqlens.append(cu_seqlens)
             ce_total += ce_sum
             for s, (r, router) in enumerate(zip(ratios, routers)):
                 stage_ratio[s] += r / self.grad_accum
@@ -141,17 +186,20 @@ class Trainer:
         max_norm = self.job.training.max_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), max_norm if max_norm > 0 else float("inf"), foreach=True
-        )
-        ce = self._all_reduce(ce_total) / num_predicted
+        ).full_tensor()  # a DTensor: the parameters are FSDP / replicate DTensors
+        ce = self._batch_sum(ce_total) / num_predicted
         if not (torch.isfinite(ce) and torch.isfinite(grad_norm)):
             raise TrainingDiverged(
                 f"step {self.step + 1}: loss {ce.item():.4g}, grad norm {grad_norm.item():.4g} is not finite; "
                 "lower optimizer.lr or training.max_norm, or resume from an earlier checkpoint"
             )
-        self.optimizer.step()
-        self.scheduler.step()
+        committed = self.ft is None or self.ft.should_commit(self.step + 1)
+        if committed:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"ce": ce, "grad_norm": grad_norm, "ratio": stage_ratio, "frac": stage_frac}
+        return {"ce": ce, "grad_norm": grad_norm, "ratio": stage_ratio, "frac": stage_frac,
+                "stage_cu_seqlens": stage_cu_seqlens, "committed": committed}
 
     def next_micro_batches(self, it) -> list[dict]:
         return [self._to_device(next(it)) for _ in range(self.grad_accum)]
@@ -174,25 +222,46 @@ class Trainer:
         totals = self._all_reduce(totals)
         return bits_per_byte((totals[0] / totals[1].clamp(min=1)).item())
 
+    def state_dict(self) -> dict[str, int]:
+        """The counters a checkpoint restores (the CheckpointManager adds RNG states)."""
+        return {"step": self.step, "bytes_seen": self.bytes_seen}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.step, self.bytes_seen = state_dict["step"], state_dict["bytes_seen"]
+
     def train(self) -> None:
         job, t = self.job, self.job.training
+        if job.checkpoint.create_seed_checkpoint:
+            logger.info("wrote the seed checkpoint %s", self.checkpoint.save_seed())
+            return
+        self.checkpoint.load()  # before iter(): the dataloader resumes from its loaded state
         logger.info(
             "training %s (%s parameters) on %s x %d, %d micro-batch(es) of %d x %d bytes per rank per step",
             job.model.config_path or job.model.flavor, f"{sum(p.numel() for p in self.model.parameters()):,}",
             self.device.type, self.world, self.grad_accum, t.local_batch_size, t.seq_len,
         )
         gc.disable()
+        stop_requested = StopRequest(self.device)
         it = iter(self.train_loader)
-        start = window_start = time.perf_counter()
-        window_bytes = 0
+        start, start_step = time.perf_counter(), self.step  # a resumed run's ETA counts only its own steps
+        batches = None  # kept while a step does not commit (ft): it is retried with the same batches
         try:
             while self.step < t.steps:
-                batches = self.next_micro_batches(it)
+                if self.ft is not None:
+                    if self.ft.begin_step():  # first step or healed: the data stream was repositioned
+                        it, batches = iter(self.train_loader), None
+                    self.grad_ranks = self.ft.grad_ranks()
+                if batches is None:
+                    with self.throughput.data_wait():
+                        batches = self.next_micro_batches(it)
                 stats = self.train_step(batches)
+                if not stats["committed"]:
+                    continue
                 self.step += 1
-                step_bytes = sum(int(b["input_ids"].numel()) for b in batches) * self.dp_world
-                self.bytes_seen += step_bytes
-                window_bytes += step_bytes
+                step_bytes = sum(int(b["input_ids"].numel()) for b in batches)  # this rank's
+                self.bytes_seen += step_bytes * self.grad_ranks
+                self.throughput.record_step(step_bytes, stats["stage_cu_seqlens"])
+                batches = None
                 if self.step % t.gc_freq == 0:
                     gc.collect(1)
                 if self.step % job.metrics.log_freq == 0 or self.step == t.steps:
@@ -201,25 +270,34 @@ class Trainer:
                     values = {
                         "loss": ce, "bpb": bits_per_byte(ce), "grad_norm": stats["grad_norm"].item(),
                         "lr": self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0]["lr_multiplier"],
-                        "bytes_per_sec": window_bytes / (now - window_start) / self.world,
+                        **self.throughput.flush(),
                         "elapsed_s": now - start,
-                        "eta_s": (now - start) / self.step * (t.steps - self.step),
+                        "eta_s": (now - start) / (self.step - start_step) * (t.steps - self.step),
                     }
                     for s, (r, f) in enumerate(zip(stats["ratio"].tolist(), stats["frac"].tolist())):
                         values[f"ratio_loss/{s}"] = r
                         values[f"bytes_per_chunk/{s}"] = 1.0 / max(f, 1e-9)
                     self.metrics.log(self.step, values)
-                    window_start, window_bytes = time.perf_counter(), 0
                 if job.validation.enable and self.step % job.validation.freq == 0:
                     self.metrics.log(self.step, {"bpb": self.validate()}, prefix="val/")
+                stop = stop_requested()
+                if self.ft is None or self.ft.writes_checkpoints():
+                    self.checkpoint.save(self.step, last=self.step == t.steps, force=stop)
+                if stop:
+                    logger.warning("stopped at step %d", self.step)
+                    break
         except KeyboardInterrupt:
-            logger.warning("interrupted at step %d; stopping cleanly", self.step)
+            logger.warning("interrupted after step %d, without a checkpoint", self.step)
         finally:
+            stop_requested.restore()
             gc.enable()
             self.metrics.close()
 
     def close(self) -> None:
-        del self.model, self.optimizer
+        if self.ft is not None:
+            self.ft.shutdown()
+        self.checkpoint.close()
+        del self.model, self.optimizer, self.scheduler, self.checkpoint
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -238,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer.train()
+    except USER_ERRORS as e:  # e.g. a checkpoint that does not fit the model
+        logger.error("%s", e)
+        return 2
     except TrainingDiverged as e:
         logger.error("%s", e)
         return 3

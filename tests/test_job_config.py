@@ -22,7 +22,7 @@ def test_defaults_are_valid_and_match_empty_cli():
     assert cfg == JobConfig()
     assert cfg.training.steps == 200
     assert cfg.optimizer.lr_multipliers == "auto"
-    assert cfg.optimizer.no_weight_decay == ["norm", "bias", "A_log", "dt_bias", "D", "pad_dimension"]
+    assert cfg.optimizer.no_weight_decay == ["*norm*", "*bias", "A_log", "D", "pad_dimension"]
     assert cfg.loss.ratio_targets == [6.0]
 
 
