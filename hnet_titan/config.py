@@ -132,9 +132,9 @@ class Checkpoint:
     keep_latest_k: int = 0  # checkpoints to keep; 0 = keep all
     load_step: int = -1  # step to resume from; -1 = newest
     exclude_from_loading: list[str] = field(default_factory=list)  # state keys not to restore
-    initial_load_path: str = ""  # checkpoint to start from when folder has none
+    initial_load_path: str = ""  # DCP step folder whose model starts a run with no checkpoint of its own (also with enable off)
     last_save_model_only: bool = False  # final save holds only model weights
-    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of model-only saves
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the last-step model-only export (seed checkpoints stay float32)
     create_seed_checkpoint: bool = False  # write step-0 weights and exit
 
 
