@@ -90,10 +90,12 @@ def run_ranks(
     script: str | Path | None = None,
     timeout: float = 180.0,
     env: dict[str, str] | None = None,
+    grace: float = 5.0,
 ) -> RunResult:
     """Start ``python -m module args`` (or ``python script args``) as ranks 0..nproc-1 and wait for all.
 
     ``env`` adds to the environment. OMP_NUM_THREADS defaults to 1 per rank as under torchrun.
+    ``grace``: how long the other ranks may take to exit after one fails (see _wait_all).
     """
     entry = [str(script)] if script is not None else ["-m", module]
     base = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -110,7 +112,7 @@ def run_ranks(
                     [sys.executable, *entry, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                     env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}, start_new_session=True,
                 ))
-        timed_out = _wait_all(procs, start + timeout)
+        timed_out = _wait_all(procs, start + timeout, grace)
         seconds = time.monotonic() - start
         outputs = [p.read_text(errors="replace") for p in paths]
     return RunResult([p.returncode for p in procs], outputs, seconds, timed_out)

@@ -146,7 +146,7 @@ def test_compiled_checkpointed_fsdp_two_ranks_match_eager_one_rank(corpus, singl
 
 def test_mesh_mismatch_is_one_clear_error(corpus, tmp_path):
     args = train_args(corpus, tmp_path, "debug", "--parallelism.data_parallel_shard_degree", "4")
-    result = run_ranks(args, nproc=2)
+    result = run_ranks(args, nproc=2, grace=30.0)  # both ranks fail alone; a loaded machine exits slowly
     assert result.returncodes == [2, 2]
     assert "data_parallel_shard_degree (4) must equal the world size (2)" in result.output
     assert "Traceback" not in result.output
