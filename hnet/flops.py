@@ -155,9 +155,13 @@ def batch_flops(config: HNetConfig, stage_cu_seqlens: Sequence[torch.Tensor], tr
     Every document start is a boundary, so all stages have the same number of documents and the
     cu_seqlens stack into one tensor: a single host sync per step.
     """
-    bounds = torch.stack(list(stage_cu_seqlens)).tolist()
-    lengths = [[b - a for a, b in zip(row, row[1:])] for row in bounds]
+    lengths = document_lengths(torch.stack(list(stage_cu_seqlens)).tolist())
     return (training_flops if training else forward_flops)(config, lengths)
+
+
+def document_lengths(stage_bounds: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Per stage, the document lengths of host-side cu_seqlens (one list of boundaries per stage)."""
+    return [[b - a for a, b in zip(row, row[1:])] for row in stage_bounds]
 
 
 def flops_per_byte(config: HNetConfig, seq_len: int, compression: Sequence[float]) -> float:

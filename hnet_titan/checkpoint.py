@@ -45,7 +45,14 @@ from torch.distributed.checkpoint.stateful import Stateful
 from hnet import HNetConfig
 from hnet_titan.config import ConfigError, JobConfig
 from hnet_titan.data import DataError
-from hnet_titan.model_io import CheckpointError, is_complete_dcp, model_spec, single_process_dcp, step_folders
+from hnet_titan.model_io import (
+    CheckpointError,
+    is_complete_dcp,
+    key_mismatches,
+    model_spec,
+    single_process_dcp,
+    step_folders,
+)
 
 logger = logging.getLogger("hnet_titan")
 
@@ -54,7 +61,7 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 _TMP = ".tmp"
 
 
-class _Model:
+class ModelState:
     """The model's own state-dict keys, sharded as the model is (FSDP2 DTensors or plain tensors)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -67,7 +74,7 @@ class _Model:
         set_model_state_dict(self.model, state_dict)
 
 
-class _Optimizer:
+class OptimizerState:
     """The optimizer state keyed by parameter name, so it reshards with the model."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -140,17 +147,16 @@ def _saved_entries(metadata: Metadata) -> set[str]:
 def _check_model_fits(path: Path, metadata: Metadata, model_state: dict[str, Any]) -> None:
     """Name the first missing key, unexpected key and shape mismatch before DCP fails less clearly."""
     saved = {
-        fqn.removeprefix("model."): meta
+        fqn.removeprefix("model."): tuple(meta.size) if isinstance(meta, TensorStorageMetadata) else None
         for fqn, meta in metadata.state_dict_metadata.items()
         if fqn.startswith("model.")
     }
+    missing, unexpected, mis_shaped = key_mismatches(saved, {k: tuple(v.shape) for k, v in model_state.items()})
     found = {
-        "missing key": [repr(k) for k in model_state if k not in saved],
-        "unexpected key": [repr(k) for k in saved if k not in model_state],
+        "missing key": [repr(k) for k in missing],
+        "unexpected key": [repr(k) for k in unexpected],
         "shape mismatch": [
-            f"{k!r} is {tuple(saved[k].size)} in the checkpoint but {tuple(v.shape)} in the model"
-            for k, v in model_state.items()
-            if k in saved and isinstance(saved[k], TensorStorageMetadata) and tuple(saved[k].size) != tuple(v.shape)
+            f"{k!r} is {saved[k]} in the checkpoint but {tuple(model_state[k].shape)} in the model" for k in mis_shaped
         ],
     }
     problems = [
@@ -215,8 +221,8 @@ class CheckpointManager:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dp_world_size = dp_world_size
         self.states: dict[str, Stateful] = {
-            "model": _Model(model),
-            "optimizer": _Optimizer(model, optimizer),
+            "model": ModelState(model),
+            "optimizer": OptimizerState(model, optimizer),
             "lr_scheduler": lr_scheduler,
             "train": _TrainState(trainer, self.rank),
             "dataloader": _PerRank(dataloader, dp_rank),

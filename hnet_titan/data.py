@@ -29,9 +29,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from hnet.tokenizer import BOS, EOS
+
 logger = logging.getLogger(__name__)
 
-BOS, EOS = 254, 255  # the byte tokenizer's special tokens
 IGNORE_INDEX = -100  # label of padding positions
 _GLOB_CHARS = "*?["
 _KINDS = {".jsonl": "jsonl", ".parquet": "parquet"}  # any other extension: one plain-text document
@@ -507,40 +508,10 @@ class ByteDataLoader(StatefulDataLoader):
         return _layout(self.dataset.dp_rank, self.dataset.dp_world_size, self.num_workers)
 
 
-def build_dataloader(
-    sources: Sequence[str] = (),
-    *,
-    seq_len: int,
-    local_batch_size: int,
-    dp_rank: int = 0,
-    dp_world_size: int = 1,
-    split: str = "train",
-    infinite: bool | None = None,
-    num_workers: int = 0,
-    text_field: str = "text",
-    missing_field: str = "skip",
-    add_eos: bool = True,
-    val_fraction: float = 0.0,
-    shuffle_files: bool = False,
-    seed: int = 0,
-) -> ByteDataLoader:
-    """A resumable loader of packed micro-batches for one rank; `infinite` defaults to split == 'train'.
+def build_dataloader(sources: Sequence[str] = (), *, num_workers: int = 0, **options: Any) -> ByteDataLoader:
+    """A resumable loader of packed micro-batches for one rank; ``options`` are PackedByteDataset's keywords.
 
-    split='all' reads every document (explicit validation sources); 'train'/'val' split by key hash.
+    `infinite` defaults to split == 'train'; split='all' reads every document (explicit validation
+    sources), 'train'/'val' split by key hash.
     """
-    dataset = PackedByteDataset(
-        sources,
-        seq_len=seq_len,
-        local_batch_size=local_batch_size,
-        dp_rank=dp_rank,
-        dp_world_size=dp_world_size,
-        split=split,
-        infinite=infinite,
-        text_field=text_field,
-        missing_field=missing_field,
-        add_eos=add_eos,
-        val_fraction=val_fraction,
-        shuffle_files=shuffle_files,
-        seed=seed,
-    )
-    return ByteDataLoader(dataset, batch_size=None, num_workers=num_workers)
+    return ByteDataLoader(PackedByteDataset(sources, **options), batch_size=None, num_workers=num_workers)

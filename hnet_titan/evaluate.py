@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from hnet import HNetConfigError, HNetForCausalLM
 from hnet_titan.data import IGNORE_INDEX, DataError, build_dataloader
+from hnet_titan.losses import bits_per_byte
 from hnet_titan.model_io import CheckpointError, load_model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -91,7 +91,7 @@ def summarize(sums: torch.Tensor, top_k: int, seconds: float) -> dict:
             "bytes_per_chunk": total["predicted"] / max(boundaries, 1.0),
         })
     return {
-        "bits_per_byte": ce / math.log(2),
+        "bits_per_byte": bits_per_byte(ce),
         "cross_entropy": ce,
         "accuracy": total["correct"] / predicted,
         f"top{top_k}_accuracy": total["topk_correct"] / predicted,
@@ -105,7 +105,7 @@ def summarize(sums: torch.Tensor, top_k: int, seconds: float) -> dict:
 def _progress_line(count: int, sums: torch.Tensor, seconds: float) -> None:
     nll, byte_count = sums[0].item(), sums[1].item()
     sys.stderr.write(
-        f"\rbatch {count}  bytes {int(byte_count):,}  bpb {nll / max(byte_count, 1.0) / math.log(2):.4f}  "
+        f"\rbatch {count}  bytes {int(byte_count):,}  bpb {bits_per_byte(nll / max(byte_count, 1.0)):.4f}  "
         f"{byte_count / max(seconds, 1e-9):,.0f} bytes/s"
     )
     sys.stderr.flush()

@@ -54,15 +54,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed import ReduceOp
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp import FSDPModule
 
+from hnet_titan.checkpoint import ModelState, OptimizerState
 from hnet_titan.config import ConfigError, JobConfig
 from hnet_titan.data import DataError
 
@@ -146,7 +141,8 @@ class FTManager:
         fsdp_units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         if not fsdp_units:
             raise ConfigError("fault_tolerance.enable needs the model wrapped by FSDP2 (parallelize_model)")
-        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
+        self.model_state, self.optimizer_state = ModelState(model), OptimizerState(model, optimizer)
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.dataloader, self.trainer = dataloader, trainer
         self.replica_id, self.group_world_size = cfg.replica_id, group_world_size
         self.folder = Path(job.job.dump_folder) / f"replica_{cfg.replica_id}"  # this group's own outputs
@@ -237,16 +233,16 @@ class FTManager:
         which shifts Adam's step count and so its bias correction.
         """
         return {
-            "model": get_model_state_dict(self.model),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer) if self.optimizer.state else {},
+            "model": self.model_state.state_dict(),
+            "optimizer": self.optimizer_state.state_dict() if self.optimizer.state else {},
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "train": self.trainer.state_dict(),
         }
 
     def _load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state["model"])
+        self.model_state.load_state_dict(state["model"])
         if state["optimizer"]:
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+            self.optimizer_state.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.trainer.load_state_dict(state["train"])
         self._healed = True

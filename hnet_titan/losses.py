@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from hnet.modules.dynamic_chunking import RouterOutput
+from hnet_titan.data import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -32,16 +32,6 @@ def ratio_loss(router: RouterOutput, target: float) -> torch.Tensor:
     f = router.boundary_mask.float().mean()
     g = router.boundary_prob.float().mean()
     return target / (target - 1) * ((target - 1) * f * g + (1 - f) * (1 - g))
-
-
-def stage_stats(routers: list[RouterOutput]) -> dict[str, float | torch.Tensor]:
-    """Boundary fraction and bytes (input positions) per chunk for every routed stage, as tensors."""
-    stats = {}
-    for s, router in enumerate(routers):
-        frac = router.boundary_mask.float().mean()
-        stats[f"boundary_frac/{s}"] = frac
-        stats[f"bytes_per_chunk/{s}"] = 1.0 / frac.clamp(min=1e-9)
-    return stats
 
 
 def bits_per_byte(ce_nats: float) -> float:

@@ -37,7 +37,6 @@ loss; FLOPs are then counted on the host. Training steps between logs gain no sy
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -50,7 +49,7 @@ from pathlib import Path
 import torch
 
 from hnet.config import HNetConfig
-from hnet.flops import training_flops
+from hnet.flops import document_lengths, training_flops
 
 logger = logging.getLogger("hnet_titan")
 
@@ -246,8 +245,7 @@ class ThroughputMeter:
         flops, begin = 0, 0
         for micro_batch in self._cu_seqlens:
             end = begin + micro_batch.shape[1]
-            lengths = [[b - a for a, b in itertools.pairwise(row[begin:end])] for row in bounds]
-            flops += training_flops(self.config, lengths).total
+            flops += training_flops(self.config, document_lengths([row[begin:end] for row in bounds])).total
             begin = end
         values = throughput_values(self._bytes, flops, seconds, self.peak_tflops)
         values["data_pct"] = 100.0 * self._data_s / seconds

@@ -202,13 +202,10 @@ def check_state_dict(
     state: dict[str, torch.Tensor], spec: dict[str, tuple[tuple[int, ...], torch.dtype]], where: str
 ) -> None:
     """Raise one CheckpointError naming the first missing, unexpected and mis-shaped keys, if any."""
-    missing = [k for k in spec if k not in state]
-    extra = [k for k in state if k not in spec]
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {spec[k][0]}"
-        for k in spec
-        if k in state and tuple(state[k].shape) != spec[k][0]
-    ]
+    missing, extra, mis_shaped = key_mismatches(
+        {k: tuple(v.shape) for k, v in state.items()}, {k: shape for k, (shape, _) in spec.items()}
+    )
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {spec[k][0]}" for k in mis_shaped]
     problems = [
         _listing(f"{len(missing)} missing key(s)", missing),
         _listing(f"{len(extra)} unexpected key(s)", extra),
@@ -217,6 +214,16 @@ def check_state_dict(
     problems = [p for p, items in zip(problems, (missing, extra, shapes)) if items]
     if problems:
         raise CheckpointError(f"{where} does not match the model config: " + "; ".join(problems))
+
+
+def key_mismatches(
+    found: dict[str, tuple[int, ...] | None], expected: dict[str, tuple[int, ...]]
+) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, mis-shaped) keys of ``found`` against ``expected``; a None shape is not compared."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mis_shaped = [k for k in expected if found.get(k) is not None and tuple(found[k]) != tuple(expected[k])]
+    return missing, unexpected, mis_shaped
 
 
 def _listing(title: str, items: list[str]) -> str:

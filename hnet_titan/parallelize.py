@@ -50,7 +50,6 @@ def init_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
 
     A 1-rank group lets a single process take the same FSDP path as many (mixed precision included).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
