@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import register_dataclass
 
 from hnet.config import HNetConfig
 from hnet.modules.block import Isotropic
@@ -84,6 +85,9 @@ class HNetOutput:
     @property
     def stage_cu_seqlens(self) -> list[torch.Tensor]:
         return [s.cu_seqlens for s in self.stage_seqs]
+
+
+register_dataclass(HNetOutput)  # see RouterOutput: the root's all-gather for backward depends on it
 
 
 class HNetForCausalLM(nn.Module):

@@ -199,6 +199,16 @@ def test_stage_cu_seqlens_follow_boundaries(flavor):
         assert torch.equal(r.selected_probs, torch.maximum(r.boundary_prob, 1 - r.boundary_prob))
 
 
+def test_output_tensors_are_pytree_leaves():
+    """FSDP2 before torch 2.12 all-gathers a unit for backward from hooks on the tensors tree_flatten finds
+    in its output: without them the root's lm_head weight is freed when backward needs it."""
+    model = build("debug_2stage", routing_noise=0.1)
+    out = model(torch.cat(random_docs(PACK_LENGTHS)), cu(PACK_LENGTHS))
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t) and t.requires_grad]
+    expected = [out.logits] + [t for r in out.router_outputs for t in (r.boundary_prob, r.selected_probs)]
+    assert {id(t) for t in expected} <= {id(t) for t in leaves}
+
+
 @pytest.mark.parametrize("flavor", TINY)
 def test_batched_equals_packed(flavor):
     model = build(flavor, routing_noise=0.1)

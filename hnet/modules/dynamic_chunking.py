@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import register_dataclass
 
 from hnet.modules.packing import PackedSeq
 from hnet.ops import ssd_scan
@@ -30,6 +31,10 @@ class RouterOutput:
     boundary_mask: torch.Tensor
     selected_probs: torch.Tensor
 
+
+# Pytree nodes, so that tools walking a module's output find the tensors inside: FSDP2 before torch
+# 2.12 hooks its pre-backward all-gather only onto tensors that tree_flatten reaches.
+register_dataclass(RouterOutput)
 
 class RoutingModule(nn.Module):
     """Boundary predictor. ``force_every`` (set through ``forced_boundaries``) fixes the boundaries."""
