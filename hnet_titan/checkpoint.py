@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from hnet import HNetConfig
-from hnet_titan.config import ConfigError, JobConfig
+from hnet_titan.config import DTYPES, ConfigError, JobConfig
 from hnet_titan.data import DataError
 from hnet_titan.model_io import (
     CheckpointError,
@@ -57,7 +57,6 @@ from hnet_titan.model_io import (
 logger = logging.getLogger("hnet_titan")
 
 STATE_KEYS = ("model", "optimizer", "lr_scheduler", "train", "dataloader")
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TMP = ".tmp"
 
 
@@ -362,7 +361,7 @@ class CheckpointManager:
 
     def _export_state(self) -> dict[str, Any]:
         """The model alone, cast to ``export_dtype`` except the tensors H-Net keeps in float32."""
-        spec = model_spec(self.model_config, EXPORT_DTYPES[self.cfg.export_dtype])
+        spec = model_spec(self.model_config, DTYPES[self.cfg.export_dtype])
         state = {k: v.to(spec[k][1]) for k, v in get_model_state_dict(self.model).items()}
         return {"model": state}
 

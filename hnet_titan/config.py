@@ -32,6 +32,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Union
 
+import torch
+
+# The dtype names configs and command lines accept.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:

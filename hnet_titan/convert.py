@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from hnet import HNetConfig, HNetConfigError
+from hnet_titan.config import DTYPES
 from hnet_titan.model_io import (
     MODEL_CONFIG_NAME,
     CheckpointError,
@@ -32,8 +33,6 @@ from hnet_titan.model_io import (
     resolve_checkpoint,
     single_process_dcp,
 )
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def to_reference(

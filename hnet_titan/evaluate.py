@@ -26,11 +26,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hnet import HNetConfigError, HNetForCausalLM
+from hnet_titan.config import DTYPES
 from hnet_titan.data import IGNORE_INDEX, DataError, build_dataloader
 from hnet_titan.losses import bits_per_byte
 from hnet_titan.model_io import CheckpointError, load_model
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Counters summed over batches and ranks; then (positions, boundaries) per routed stage. Predicted bytes
 # are the real bytes: every real input byte has a label, padding has none.
 _TOTALS = ("nll", "predicted", "correct", "topk_correct")

@@ -22,9 +22,8 @@ import torch
 from hnet import ByteTokenizer, HNetConfig, HNetConfigError, HNetForCausalLM
 from hnet.generation import SamplingConfig, stream
 from hnet.tokenizer import BOS, EOS
+from hnet_titan.config import DTYPES
 from hnet_titan.model_io import CheckpointError, load_model
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def run(model: HNetForCausalLM, prompts: list[str], sampling: SamplingConfig, out: TextIO) -> list[bytes]:

@@ -34,12 +34,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from hnet import HNetConfig
 from hnet.model import HNet, HNetForCausalLM
 from hnet.modules.block import Isotropic
-from hnet_titan.config import ActivationCheckpoint, ConfigError, JobConfig, Parallelism
+from hnet_titan.config import DTYPES, ActivationCheckpoint, ConfigError, JobConfig, Parallelism
 
 logger = logging.getLogger("hnet_titan")
 
 MESH_DIMS = ("dp_replicate", "dp_shard")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # reshard_after_forward per fsdp_reshard_after_forward choice: (inner units, root). The root's
 # parameters are needed first in backward, so by default it keeps them (TorchTitan's choice).
 _RESHARD = {"default": (True, False), "always": (True, True), "never": (False, False)}
@@ -131,7 +130,7 @@ def parallelize_model(model: HNetForCausalLM, job: JobConfig, mesh: DeviceMesh) 
         apply_compile(model, dynamic=job.compile.dynamic)
     checkpointed = apply_activation_checkpointing(model, job.activation_checkpoint)
     t, p = job.training, job.parallelism
-    param_dtype, reduce_dtype = _DTYPES[t.mixed_precision_param], _DTYPES[t.mixed_precision_reduce]
+    param_dtype, reduce_dtype = DTYPES[t.mixed_precision_param], DTYPES[t.mixed_precision_reduce]
     if p.dp_mode == "ddp":
         apply_replicate(model, mesh["dp_replicate"], param_dtype, reduce_dtype)
     else:
@@ -187,9 +186,18 @@ def apply_compile(model: HNetForCausalLM, dynamic: bool) -> None:
     """Compile each block in place (parameter names unchanged).
 
     Inner lengths change with every batch, so ``dynamic`` marks sizes symbolic from the start
-    instead of recompiling when they first change.
+    instead of recompiling when they first change. Blocks share their code, and dynamo compiles one
+    graph per kind of block (width, mixer, MLP or not, first of its network or not: the first gets no
+    residual): a 2-stage model has about 8 kinds, dynamo's default limit per code object, past which
+    the rest would silently run eagerly. The limit is raised to twice the number of kinds.
     """
-    for block in all_blocks(model):
+    blocks = all_blocks(model)
+    kinds = {
+        (net.layers[0] is block, type(block.mixer), block.mlp is not None, block.norm1.weight.shape[0])
+        for stage in model.stages() for net in stage_networks(stage).values() for block in net.layers
+    }
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(kinds))
+    for block in blocks:
         block.compile(dynamic=dynamic)
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from hnet import HNetConfig, HNetConfigError, ops
 from hnet_titan.checkpoint import CheckpointManager
-from hnet_titan.config import ConfigError, JobConfig
+from hnet_titan.config import DTYPES, ConfigError, JobConfig
 from hnet_titan.data import DataError, build_dataloader
 from hnet_titan.ft import FTManager, data_parallel
 from hnet_titan.losses import IGNORE_INDEX, bits_per_byte, cross_entropy_sum, ratio_loss
@@ -96,6 +96,8 @@ class Trainer:
         self.model_config = build_model_config(job)
         ops.configure(ssd=job.model.ssd_backend, conv=job.model.conv_backend,
                       attention=job.model.attn_backend, norm=job.model.norm_backend)
+        logger.info("kernel backends: %s", ops.selection(
+            self.device, DTYPES[job.training.mixed_precision_param], compiled=job.compile.enable))
         self.dump = Path(job.job.dump_folder)
         if self.rank == 0:
             self.dump.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
 
 A step is what the trainer does on one device: forward, byte cross-entropy plus ratio loss, backward
 and an AdamW step over the trainer's parameter groups. ``--warmup`` steps run first (compilation,
-autotuning, allocator growth), then ``--steps`` timed steps, then one step under torch.profiler.
+autotuning, allocator growth), then ``--steps`` timed steps, then one step under torch.profiler (``--trace`` saves its Chrome trace).
 
 Workload
   --data random|text|corpus   one document of --seq-len bytes per row, of uniform random bytes or of
@@ -34,11 +34,13 @@ Measurements
                operator name: gemm, ssd, conv, attention, norm, elementwise, other. On CPU the reference
                SSD scan and conv run as plain operators, so their time shows as gemm and elementwise.
 
-JSON report (--out): flavor, device, dtype, rows, seq_len, data, compile, ac, force_compression,
+JSON report (--out): flavor, device, dtype, rows, seq_len, data, compile, compiled_frames {warmup, timed}
+(dynamo frames compiled in the warm-up and during the timed steps: recompiles show there), ac, force_compression,
 warmup_steps, timed_steps, backends {op: backend}, bytes_per_sec, tflops, mfu_pct (null without a known
 peak), peak_tflops, flops_per_byte, bytes_per_chunk [per routed stage], memory {mem_active_gib,
 mem_reserved_gib, alloc_retries} (empty on CPU), step_ms {forward, backward, optimizer, total}, time_ms
-{part: {forward, backward}}, op_class_ms {class: ms}.
+{part: {forward, backward}}, op_class_ms {class: ms}, top_kernels_ms [[kernel, ms]] (the profiled step's 15
+costliest kernels).
 """
 
 from __future__ import annotations
@@ -230,22 +232,38 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile_op_classes(step, device: torch.device) -> dict[str, float]:
-    """ms per op class of one ``step()``: CUDA kernel time on a GPU, operator self time on CPU."""
+def compiled_frames() -> int:
+    """Frames dynamo has compiled so far in this process: a recompile during timed steps shows as growth."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["ok"]
+
+
+def profile_step(step, device: torch.device, trace: str = "") -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """ms per op class of one ``step()`` and its 15 costliest kernels (operators on CPU).
+
+    CUDA kernel time on a GPU, operator self time on CPU; ``trace`` also writes the step's Chrome trace
+    (host and device timelines: where the GPU waits on the host).
+    """
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         step()
         synchronize(device)
+    if trace:
+        prof.export_chrome_trace(trace)
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
-    totals: dict[str, float] = {}
+    classes: dict[str, float] = {}
+    kernels: dict[str, float] = {}
     for event in prof.events():
         if event.device_type != kind or event.is_async:
             continue
-        us = event.device_time_total if cuda else event.self_cpu_time_total
+        ms = (event.device_time_total if cuda else event.self_cpu_time_total) / 1e3
         cls = op_class(event.name)
-        totals[cls] = totals.get(cls, 0.0) + us / 1e3
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+        classes[cls] = classes.get(cls, 0.0) + ms
+        kernels[event.name] = kernels.get(event.name, 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    return dict(sorted(classes.items(), key=lambda kv: -kv[1])), top
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -257,7 +275,8 @@ def run(args: argparse.Namespace) -> dict:
     force = args.force_compression
     targets = force or PAPER_RATIO_TARGETS.get(routed, [3.0] * routed)
 
-    model = HNetForCausalLM(config, device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = HNetForCausalLM(config, device=device, dtype=dtype)
     model.init_weights()
     apply_activation_checkpointing(model, ActivationCheckpoint(mode=args.ac, every_n=args.ac_every))
     if args.compile:
@@ -275,6 +294,7 @@ def run(args: argparse.Namespace) -> dict:
         for batch in batches[: args.warmup]:
             step(to_device(batch, device), timeline=timer.new_step())
         synchronize(device)
+        frames_warmup = compiled_frames()
         meter.flush()  # drops the warm-up interval and resets the memory peaks
         timer.steps.clear()
         positions = []
@@ -285,10 +305,12 @@ def run(args: argparse.Namespace) -> dict:
             meter.record_step(batch["input_ids"].numel(), [out.stage_cu_seqlens])
             positions.append(torch.stack([cu[-1] for cu in out.stage_cu_seqlens]))
         throughput = meter.flush()
+        frames_timed = compiled_frames() - frames_warmup
         timer.remove()
         step_ms, time_ms = timer.summary()
-        op_class_ms = profile_op_classes(
-            lambda: step(to_device(batches[-1], device), timeline=StepTimeline(device.type == "cuda")), device
+        op_class_ms, top_kernels = profile_step(
+            lambda: step(to_device(batches[-1], device), timeline=StepTimeline(device.type == "cuda")), device,
+            args.trace,
         )
 
     totals = torch.stack(positions).sum(0).tolist()
@@ -297,14 +319,15 @@ def run(args: argparse.Namespace) -> dict:
         "flavor": args.flavor,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype, "rows": args.rows, "seq_len": args.seq_len, "data": args.data,
-        "compile": args.compile, "ac": args.ac, "force_compression": force,
+        "compile": args.compile, "compiled_frames": {"warmup": frames_warmup, "timed": frames_timed}, "ac": args.ac, "force_compression": force,
         "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "backends": ops.chosen(),
+        "backends": ops.selection(device, dtype, compiled=args.compile),
         "bytes_per_sec": throughput["bytes_per_sec"], "tflops": throughput["tflops"],
         "mfu_pct": throughput.get("mfu_pct"), "peak_tflops": peak,
         "flops_per_byte": throughput["tflops"] * 1e12 / throughput["bytes_per_sec"],
         "bytes_per_chunk": [outer / inner for outer, inner in zip(totals, totals[1:])],
         "memory": memory, "step_ms": step_ms, "time_ms": time_ms, "op_class_ms": op_class_ms,
+        "top_kernels_ms": top_kernels,
     }
 
 
@@ -319,7 +342,9 @@ def format_report(r: dict) -> str:
     mfu = f"{r['mfu_pct']:.1f}%" if r["mfu_pct"] is not None else "n/a"
     lines = [
         f"{r['flavor']} on {r['device']}, {r['dtype']}, {r['rows']} x {r['seq_len']} bytes ({r['data']}), "
-        f"{forced}, compile={r['compile']}, ac={r['ac']}",
+        f"{forced}, compile={r['compile']}, ac={r['ac']}"
+        + (f" (frames compiled: {r['compiled_frames']['warmup']} in warm-up, {r['compiled_frames']['timed']} timed)"
+           if r["compile"] else ""),
         "backends: " + " ".join(f"{op}={name}" for op, name in r["backends"].items()),
         f"bytes/s {r['bytes_per_sec']:,.0f}   TFLOP/s {r['tflops']:.4g}   MFU {mfu}   "
         f"GFLOP/byte {r['flops_per_byte'] / 1e9:.4g}   "
@@ -341,6 +366,8 @@ def format_report(r: dict) -> str:
     total = sum(r["op_class_ms"].values()) or 1.0
     lines += ["", f"{'op class (profiled step)':<32}{'ms':>12}{'%':>13}"]
     lines += [f"{cls:<32}{ms:>12.2f}{100 * ms / total:>13.1f}" for cls, ms in r["op_class_ms"].items()]
+    lines += ["", f"{'costliest kernels (profiled step)':<84}{'ms':>8}"]
+    lines += [f"{name[:82]:<84}{ms:>8.2f}" for name, ms in r["top_kernels_ms"]]
     return "\n".join(lines)
 
 
@@ -363,6 +390,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU; 0 = look it up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="JSON report path (default outputs/benchmark/FLAVOR.json)")
+    p.add_argument("--trace", default="", help="also write the profiled step's Chrome trace here")
     args = p.parse_args(argv)
     if args.warmup < 0 or args.steps < 1 or args.rows < 1 or args.seq_len < 2:
         p.error("need --warmup >= 0, --steps >= 1, --rows >= 1 and --seq-len >= 2")

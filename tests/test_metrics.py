@@ -35,7 +35,7 @@ TRAIN_KEYS_CPU = {
 BENCHMARK_KEYS = {
     "flavor", "device", "dtype", "rows", "seq_len", "data", "compile", "ac", "force_compression", "warmup_steps",
     "timed_steps", "backends", "bytes_per_sec", "tflops", "mfu_pct", "peak_tflops", "flops_per_byte",
-    "bytes_per_chunk", "memory", "step_ms", "time_ms", "op_class_ms",
+    "bytes_per_chunk", "memory", "step_ms", "time_ms", "op_class_ms", "top_kernels_ms", "compiled_frames",
 }
 
 
@@ -171,4 +171,7 @@ def test_benchmark_cpu_smoke(tmp_path: Path) -> None:
     assert report["op_class_ms"] and set(report["op_class_ms"]) <= {
         "gemm", "ssd", "conv", "attention", "norm", "elementwise", "other",
     }
+    top = dict(report["top_kernels_ms"])
+    assert 0 < len(top) <= 15 and sum(top.values()) <= sum(report["op_class_ms"].values()) + 1e-6
+    assert report["compiled_frames"] == {"warmup": 0, "timed": 0}  # not compiled
     assert "bytes/s" in proc.stdout and "stage0.encoder" in proc.stdout

@@ -259,3 +259,39 @@ def test_forced_cuda_backend_fails_on_cpu_when_run(restore_backends):
     assert hnet.ops.resolve("ssd", torch.device("cpu")) == "torch"
     assert hnet.ops.resolve("attention", torch.device("cpu")) == "sdpa"
     assert math.isfinite(float(packed_attention(q, k, v, cu([T]), T).sum()))
+
+
+def test_selection_on_a_gpu_with_every_package(restore_backends, monkeypatch):
+    """What a CUDA machine with mamba_ssm, causal_conv1d and flash_attn runs, eager and inside compiled blocks."""
+    from hnet.ops import backend
+
+    monkeypatch.setitem(backend._INSTALLED, "mamba_ssm", True)
+    monkeypatch.setitem(backend._INSTALLED, "causal_conv1d", True)
+    monkeypatch.setitem(backend._INSTALLED, "flash_attn", True)
+    cuda = torch.device("cuda")
+    assert hnet.ops.selection(cuda, torch.bfloat16) == {
+        "ssd": "triton", "conv": "cuda", "attention": "flash_attn", "norm": "triton",
+    }
+    # Inductor fuses the norms' PyTorch formula with their neighbours; flash kernels need half precision.
+    assert hnet.ops.selection(cuda, torch.float32, compiled=True) == {
+        "ssd": "triton", "conv": "cuda", "attention": "sdpa", "norm": "triton (torch in compiled blocks)",
+    }
+    hnet.ops.configure(norm="triton")  # a forced backend holds inside compiled blocks too
+    assert hnet.ops.selection(cuda, torch.bfloat16, compiled=True)["norm"] == "triton"
+    with pytest.raises(BackendError, match=r"norm backend 'triton' cannot run on cpu"):
+        hnet.ops.selection(torch.device("cpu"), torch.float32)
+
+
+def test_compiled_code_resolves_without_logging(restore_backends, monkeypatch):
+    """Inside torch.compile resolve() must not touch its logged-once state: a traced read or write of it
+    becomes a guard, and eager calls changing it would recompile the block every step."""
+    from hnet.ops import backend
+
+    monkeypatch.setattr(backend, "_last", {})
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def pick(x):
+        return x + (1 if hnet.ops.resolve("norm", x.device) == "torch" else 2)
+
+    assert pick(torch.zeros(2)).tolist() == [1.0, 1.0]
+    assert backend._last == {}

@@ -41,14 +41,7 @@ class Mamba2(nn.Module):
         A = -torch.exp(self.A_log.float())
         conv_w = self.conv1d.weight.squeeze(1)
         if resolve("ssd", u.device) == "triton" and resolve("conv", u.device) == "cuda":
-            from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
-
-            return mamba_split_conv1d_scan_combined(
-                zxbcdt[None], conv_w, self.conv1d.bias, self.dt_bias, A, self.D, self.chunk_size,
-                seq_idx=seq.seq_idx[None], activation="silu", rmsnorm_weight=self.norm.weight,
-                rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, headdim=self.headdim,
-                ngroups=self.ngroups, norm_before_gate=False,
-            )[0]
+            return self._fused(zxbcdt, conv_w, A, seq.seq_idx)
         z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xbc = causal_conv1d(xbc, conv_w, self.conv1d.bias, seq.seq_idx)
         x, B, C = xbc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
@@ -59,6 +52,18 @@ class Mamba2(nn.Module):
             chunk_size=self.chunk_size, seq_idx=seq.seq_idx, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
         )
         return self.out_proj(self.norm(y.view(T, self.d_inner), z))
+
+    @torch.compiler.disable  # mamba_ssm's autograd.Function: opaque to dynamo, runs between compiled graphs
+    def _fused(self, zxbcdt: torch.Tensor, conv_w: torch.Tensor, A: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+        """conv -> SSD -> gated norm -> out_proj as mamba_ssm's one split-conv-scan autograd function."""
+        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+
+        return mamba_split_conv1d_scan_combined(
+            zxbcdt[None], conv_w, self.conv1d.bias, self.dt_bias, A, self.D, self.chunk_size,
+            seq_idx=seq_idx[None], activation="silu", rmsnorm_weight=self.norm.weight,
+            rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, headdim=self.headdim,
+            ngroups=self.ngroups, norm_before_gate=False,
+        )[0]
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4) -> None:

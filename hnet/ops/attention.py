@@ -7,7 +7,6 @@ i - window <= j <= i (window -1: all j <= i). q, k, v are (T, H, Dh); documents 
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -33,28 +32,31 @@ def packed_attention(
     if backend == "varlen":
         return _varlen(q, k, v, cu_seqlens, max_seqlen, window, scale)
     if backend == "flash_attn":
-        from flash_attn import flash_attn_varlen_func
-
-        return flash_attn_varlen_func(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-            softmax_scale=scale, causal=True, window_size=(window, -1),
-        )
+        return _flash_attn(q, k, v, cu_seqlens, max_seqlen, window, scale)
     if backend == "flex":
         return _flex(q, k, v, cu_seqlens, window, scale)
     return packed_attention_reference(q, k, v, cu_seqlens, window, scale)
 
 
-@functools.cache
-def _varlen_has_window() -> bool:
-    from torch.nn.attention.varlen import varlen_attn
+@torch.compiler.disable  # flash_attn's own op registration differs between releases: keep it opaque
+def _flash_attn(q, k, v, cu_seqlens, max_seqlen, window, scale):
+    from flash_attn import flash_attn_varlen_func
 
-    return "window_size" in inspect.signature(varlen_attn).parameters
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        softmax_scale=scale, causal=True, window_size=(window, -1),
+    )
+
+
+try:  # a custom op (traceable by torch.compile) since torch 2.9; a sliding window since 2.10
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+_VARLEN_HAS_WINDOW = varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters
 
 
 def _varlen(q, k, v, cu_seqlens, max_seqlen, window, scale):
-    from torch.nn.attention.varlen import varlen_attn
-
-    if _varlen_has_window():
+    if _VARLEN_HAS_WINDOW:
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, window_size=(window, 0))
     if window >= 0:  # older torch: varlen_attn has no window; fall back to the exact masked path
         return packed_attention_reference(q, k, v, cu_seqlens, window, scale)

@@ -2,6 +2,11 @@
 
 Every op has a pure-PyTorch reference (it defines the semantics and runs on CPU) and CUDA backends
 used automatically on CUDA tensors when their package imports. ``configure`` forces a backend.
+
+Inside ``torch.compile`` the automatic choice for the norms is the reference: Inductor fuses its
+few elementwise lines and the reduction with the residual add and casts around it, which a separate
+Triton kernel would fence off. The other fast backends are opaque to dynamo (their calls run eagerly
+between compiled graphs), except PyTorch's varlen attention, a custom op that compiles in place.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ BACKENDS: dict[str, tuple[str, dict[str, str | None]]] = {
     "norm": ("torch", {"triton": "mamba_ssm"}),
 }
 _forced: dict[str, str] = {op: "auto" for op in BACKENDS}
-_last: dict[tuple[str, str], str] = {}  # (op, device type) -> backend of the latest call
+_last: dict[tuple[str, str], str] = {}  # (op, device type) -> backend of the latest eager call, for logging
 
 
 class BackendError(ValueError):
@@ -43,6 +48,15 @@ def configure(**choices: str) -> None:
         _forced[op] = name
 
 
+# Whether each backend's package is installed, looked up once: ``resolve`` also runs while dynamo
+# traces a compiled block, where an import-system call would break the graph.
+_INSTALLED = {
+    module: importlib.util.find_spec(module) is not None
+    for module in ("mamba_ssm", "causal_conv1d", "flash_attn", "torch.nn.attention.varlen")
+}
+# Ops whose reference Inductor fuses better than the fast kernel: the automatic choice while compiling.
+_COMPILED_PREFERS_REFERENCE = {"norm"}
+
 # Flash-attention kernels (flash_attn, PyTorch varlen) take only half-precision inputs.
 _HALF_ONLY = {("attention", "flash_attn"), ("attention", "varlen")}
 
@@ -56,13 +70,12 @@ def _available(op: str, name: str, device: torch.device, dtype: torch.dtype | No
     if (op, name) in _HALF_ONLY and dtype not in (torch.float16, torch.bfloat16, None):
         return False
     if op == "attention" and name == "varlen":
-        return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+        return _INSTALLED["torch.nn.attention.varlen"]
     module = fast[name]
-    return module is None or importlib.util.find_spec(module) is not None
+    return module is None or _INSTALLED[module]
 
 
-def resolve(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The backend that runs ``op`` on ``device`` for ``dtype`` inputs: the forced one, else the first fast one."""
+def _pick(op: str, device: torch.device, dtype: torch.dtype | None, compiled: bool) -> str:
     forced = _forced[op]
     if forced != "auto":
         if not _available(op, forced, device, dtype):
@@ -70,16 +83,32 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype | None = None) -> 
                 f"{op} backend {forced!r} cannot run on {device.type} {dtype or ''} inputs here (needs CUDA, its "
                 f"package, and half precision for flash kernels); use 'auto' or '{BACKENDS[op][0]}'"
             )
-        name = forced
-    else:
-        ref, fast = BACKENDS[op]
-        name = next((n for n in fast if n != "flex" and _available(op, n, device, dtype)), ref)
+        return forced
+    ref, fast = BACKENDS[op]
+    if compiled and op in _COMPILED_PREFERS_REFERENCE:
+        return ref
+    return next((n for n in fast if n != "flex" and _available(op, n, device, dtype)), ref)
+
+
+def resolve(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs ``op`` on ``device`` for ``dtype`` inputs: the forced one, else the first fast one."""
+    if torch.compiler.is_compiling():  # no logging: a traced side effect would become a guard
+        return _pick(op, device, dtype, compiled=True)
+    name = _pick(op, device, dtype, compiled=False)
     if _last.get((op, device.type)) != name:
         _last[(op, device.type)] = name
         logger.info("hnet.ops: %s backend on %s = %s", op, device.type, name)
     return name
 
 
-def chosen(device_type: str | None = None) -> dict[str, str]:
-    """The backend each op used in its latest call (on ``device_type``, default: any), for reports."""
-    return {op: name for (op, dev), name in sorted(_last.items()) if device_type in (None, dev)}
+def selection(device: torch.device, dtype: torch.dtype, compiled: bool = False) -> dict[str, str]:
+    """The backend of every op for ``dtype`` inputs on ``device``, for logs and reports.
+
+    With ``compiled``, an op whose choice differs inside compiled blocks reads e.g. "triton (torch in
+    compiled blocks)".
+    """
+    out = {}
+    for op in BACKENDS:
+        eager, inside = _pick(op, device, dtype, False), _pick(op, device, dtype, True)
+        out[op] = eager if not compiled or inside == eager else f"{eager} ({inside} in compiled blocks)"
+    return out

@@ -17,11 +17,16 @@ def causal_conv1d(
 ) -> torch.Tensor:
     """x (T, D), weight (D, W), bias (D,), seq_idx (T,) int32 -> (T, D) in x's dtype."""
     if resolve("conv", x.device) == "cuda":
-        from causal_conv1d import causal_conv1d_fn
-
-        # (1, D, T) view of a (T, D) tensor is channel-last, the layout the kernel needs for seq_idx.
-        return causal_conv1d_fn(x.t()[None], weight, bias, seq_idx=seq_idx[None], activation=activation)[0].t()
+        return _causal_conv1d_cuda(x, weight, bias, seq_idx, activation)
     return causal_conv1d_reference(x, weight, bias, seq_idx, activation)
+
+
+@torch.compiler.disable  # an autograd.Function around a CUDA extension: opaque to dynamo
+def _causal_conv1d_cuda(x, weight, bias, seq_idx, activation):
+    from causal_conv1d import causal_conv1d_fn
+
+    # (1, D, T) view of a (T, D) tensor is channel-last, the layout the kernel needs for seq_idx.
+    return causal_conv1d_fn(x.t()[None], weight, bias, seq_idx=seq_idx[None], activation=activation)[0].t()
 
 
 def causal_conv1d_reference(x, weight, bias, seq_idx, activation="silu"):

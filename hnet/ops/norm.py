@@ -20,9 +20,7 @@ def rms_norm(
     prenorm: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     if resolve("norm", x.device) == "triton":
-        from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
-
-        return rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=prenorm, residual_in_fp32=True)
+        return _rms_norm_triton(x, weight, eps, residual, prenorm)
     summed = x.float() if residual is None else x.float() + residual.float()
     out = (summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
     return (out, summed) if prenorm else out
@@ -31,8 +29,21 @@ def rms_norm(
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """norm(x * silu(z)) * weight over the last dim (one group), in x's dtype."""
     if resolve("norm", x.device) == "triton":
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-
-        return rmsnorm_fn(x, weight, None, z=z, eps=eps, group_size=None, norm_before_gate=False)
+        return _gated_rms_norm_triton(x, z, weight, eps)
     gated = x.float() * F.silu(z.float())
     return (gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+# mamba_ssm's Triton norms are autograd.Functions that dynamo cannot trace: opaque when forced under compile.
+@torch.compiler.disable
+def _rms_norm_triton(x, weight, eps, residual, prenorm):
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+
+    return rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=prenorm, residual_in_fp32=True)
+
+
+@torch.compiler.disable
+def _gated_rms_norm_triton(x, z, weight, eps):
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+
+    return rmsnorm_fn(x, weight, None, z=z, eps=eps, group_size=None, norm_before_gate=False)

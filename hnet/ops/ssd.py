@@ -29,14 +29,19 @@ def ssd_scan(
 ) -> torch.Tensor:
     """x (T, H, P), dt (T, H), A (H,), B and C (T, G, N), seq_idx (T,) int32 -> y (T, H, P) in x's dtype."""
     if resolve("ssd", x.device) == "triton":
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-        y = mamba_chunk_scan_combined(
-            x[None], dt[None], A, B[None], C[None], chunk_size,
-            D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, seq_idx=seq_idx[None],
-        )
-        return y[0]
+        return _ssd_triton(x, dt, A, B, C, chunk_size, seq_idx, D, dt_bias, dt_softplus)
     return ssd_scan_reference(x, dt, A, B, C, chunk_size, seq_idx, D, dt_bias, dt_softplus)
+
+
+@torch.compiler.disable  # an autograd.Function around Triton launches: opaque to dynamo (see hnet.ops.backend)
+def _ssd_triton(x, dt, A, B, C, chunk_size, seq_idx, D, dt_bias, dt_softplus):
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    y = mamba_chunk_scan_combined(
+        x[None], dt[None], A, B[None], C[None], chunk_size,
+        D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, seq_idx=seq_idx[None],
+    )
+    return y[0]
 
 
 # Eager even inside compiled blocks: its Python control flow follows the data (host syncs, loops
