@@ -325,11 +325,13 @@ class CheckpointManager:
         With ``checkpoint.last_save_model_only`` the last save is the model alone in ``export_dtype``.
         """
         self._publish_if_done()
-        if not self.cfg.enable or step == self._last_saved:
-            return
-        if force or last or step % self.cfg.interval == 0:
+        if self.due(step, last=last, force=force):
             model_only = last and self.cfg.last_save_model_only
             self._save(step, self._export_state() if model_only else self.states)
+
+    def due(self, step: int, *, last: bool = False, force: bool = False) -> bool:
+        """Whether ``save`` with these arguments writes a checkpoint."""
+        return self.cfg.enable and step != self._last_saved and (force or last or step % self.cfg.interval == 0)
 
     def save_seed(self) -> Path:
         """Write the freshly initialised model alone as step-0, in float32: runs of any layout that

@@ -38,6 +38,30 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN or Inf."""
 
 
+class DivergenceWatch:
+    """Remembers on the device the first step whose loss or gradient norm is not finite.
+
+    Checking every step would read the loss on the host and stall the GPU queue each step; the flag is
+    read where the host waits anyway (log steps) and before anything is written (checkpoint saves, the
+    end), so a diverged run stops there, naming the step, and never saves its NaN weights.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.zeros(3, device=device)  # step (0: none yet), loss, grad norm
+
+    def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.first[0] == 0)
+        self.first = torch.where(bad, torch.stack([loss.new_full((), step), loss, grad_norm.float()]), self.first)
+
+    def check(self) -> None:
+        step, loss, grad_norm = self.first.tolist()
+        if step:
+            raise TrainingDiverged(
+                f"step {int(step)}: loss {loss:.4g}, grad norm {grad_norm:.4g} is not finite; "
+                "lower optimizer.lr or training.max_norm, or resume from an earlier checkpoint"
+            )
+
+
 class StopRequest:
     """SIGINT (Ctrl-C) and SIGTERM (preemption) end training after the current step, on every rank.
 
@@ -119,6 +143,7 @@ class Trainer:
         self.scheduler = build_lr_scheduler(self.optimizer, job)
         self.step = 0
         self.bytes_seen = 0
+        self.divergence = DivergenceWatch(self.device)
         self.grad_ranks = self.dp_world  # ranks a step's gradient is averaged over; per step under ft
         self.checkpoint = CheckpointManager(
             job, model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
@@ -190,11 +215,7 @@ class Trainer:
             self.model.parameters(), max_norm if max_norm > 0 else float("inf"), foreach=True
         ).full_tensor()  # a DTensor: the parameters are FSDP / replicate DTensors
         ce = self._batch_sum(ce_total) / num_predicted
-        if not (torch.isfinite(ce) and torch.isfinite(grad_norm)):
-            raise TrainingDiverged(
-                f"step {self.step + 1}: loss {ce.item():.4g}, grad norm {grad_norm.item():.4g} is not finite; "
-                "lower optimizer.lr or training.max_norm, or resume from an earlier checkpoint"
-            )
+        self.divergence.update(self.step + 1, ce, grad_norm)
         committed = self.ft is None or self.ft.should_commit(self.step + 1)
         if committed:
             self.optimizer.step()
@@ -267,6 +288,7 @@ class Trainer:
                 if self.step % t.gc_freq == 0:
                     gc.collect(1)
                 if self.step % job.metrics.log_freq == 0 or self.step == t.steps:
+                    self.divergence.check()
                     now = time.perf_counter()
                     ce = stats["ce"].item()
                     values = {
@@ -284,6 +306,8 @@ class Trainer:
                     self.metrics.log(self.step, {"bpb": self.validate()}, prefix="val/")
                 stop = stop_requested()
                 if self.ft is None or self.ft.writes_checkpoints():
+                    if self.checkpoint.due(self.step, last=self.step == t.steps, force=stop):
+                        self.divergence.check()
                     self.checkpoint.save(self.step, last=self.step == t.steps, force=stop)
                 if stop:
                     logger.warning("stopped at step %d", self.step)

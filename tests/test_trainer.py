@@ -75,6 +75,24 @@ def test_nan_loss_stops_with_the_step(tmp_path):
     trainer.close()
 
 
+def test_divergence_found_at_the_next_save_names_its_step_and_saves_nothing(tmp_path):
+    """The loss is read on the host only at log steps and saves: step 2 diverges, the save of step 3 stops it."""
+    trainer = Trainer(job(tmp_path, "--training.steps", "8", "--metrics.log_freq", "8", "--checkpoint.enable",
+                          "--checkpoint.interval", "3"))
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):
+        calls["n"] += 1
+        return output * float("inf") if calls["n"] == 2 else output
+
+    trainer.model.lm_head.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged, match=r"step 2: loss (nan|inf)"):
+        trainer.train()
+    assert trainer.step == 3
+    trainer.close()
+    assert not list((tmp_path / "checkpoint").glob("step-*"))
+
+
 def test_wsd_schedule_values():
     j = JobConfig.from_args(["--training.steps", "100", "--lr_scheduler.decay_type", "linear"])
     assert lr_factor(j, 0) == pytest.approx(1 / 11)  # warmup 10 steps, first step not at zero
