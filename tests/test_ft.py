@@ -11,7 +11,9 @@ time and a SHA1 of this rank's parameter shards in ``$FT_TEST_RECORDS/<replica>.
 Group 0's first worker holds at the start of step ``KILL_AT`` (after its quorum) until it is killed,
 so the kill always lands while the other group waits for it in the step's gradient all-reduce; group
 1 holds at step ``KILL_AT + ALONE`` until group 0's worker has restarted, so that it is still
-training when group 0 comes back, however slow the restart.
+training when group 0 comes back, however slow the restart; a restarted worker of group 0 waits until
+group 1 has committed step ``KILL_AT + ALONE - 1``, so that group 1 trains those steps alone, however
+fast the restart.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ def _worker() -> int:
     out = open(path, "a")
     out.write(json.dumps({"start": time.time()}) + "\n")
     out.flush()
+    if replica == "0" and os.environ["TORCHELASTIC_RESTART_COUNT"] != "0":
+        # A fast restart would rejoin before group 1 has trained ALONE steps alone: wait for them first.
+        while not any(json.loads(line).get("step", 0) >= KILL_AT + ALONE - 1
+                      for path in records.glob(f"1.{os.environ['RANK']}.*.jsonl")
+                      for line in path.read_text().split("\n")[:-1]):
+            time.sleep(0.05)
     train_step = train.Trainer.train_step
 
     def recording_train_step(self, micro_batches):
