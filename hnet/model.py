@@ -53,9 +53,9 @@ class HNet(nn.Module):
         hidden = self.encoder(hidden, seq)
         residual = self.residual_proj(hidden.float())
         router = self.routing_module(hidden, seq)
-        chunks, chunk_seq = chunk(hidden, router, seq)
-        inner, routers, seqs = self.main_network(chunks, chunk_seq)
-        smoothed = dechunk(inner, router, chunk_seq)
+        chunks, layout = chunk(hidden, router, seq)
+        inner, routers, seqs = self.main_network(chunks, layout.seq)
+        smoothed = dechunk(inner, router, layout)
         hidden = (smoothed.float() * ste(router.selected_probs)[:, None] + residual).to(hidden.dtype)
         hidden = self.decoder(hidden, seq)
         return hidden[..., :d_in], [router, *routers], [seq, *seqs]

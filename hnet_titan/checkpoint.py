@@ -24,6 +24,7 @@ import random
 import shutil
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -185,23 +186,32 @@ def _load(path: Path, states: dict[str, Any]) -> None:
         state.load_state_dict(state_dict[key])
 
 
+@dataclass
+class TrainingParts:
+    """What a checkpoint saves and a healing replica group copies: the trainer's stateful parts.
+
+    ``trainer`` is Stateful over the trainer's counters (step, bytes seen).
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Stateful
+    dataloader: Stateful
+    trainer: Stateful
+
+
 class CheckpointManager:
     """Saves the training state every ``checkpoint.interval`` steps and resumes from the newest save.
 
-    ``trainer`` is Stateful over the trainer's counters (step, bytes seen); the manager adds the RNG
-    states. Call :meth:`load` before iterating the dataloader, :meth:`save` after every step and
+    The manager adds the RNG states to ``parts``. Call :meth:`load` before iterating the dataloader, :meth:`save` after every step and
     :meth:`close` before the process group is destroyed.
     """
 
     def __init__(
         self,
         job: JobConfig,
+        parts: TrainingParts,
         *,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler: Stateful,
-        dataloader: Stateful,
-        trainer: Stateful,
         model_config: HNetConfig,
         dp_rank: int,
         dp_world_size: int,
@@ -216,15 +226,15 @@ class CheckpointManager:
             raise ConfigError("checkpoint.load_step needs checkpointing on: add --checkpoint.enable")
         self.folder = Path(job.job.dump_folder) / cfg.folder
         self.shared = job.fault_tolerance.enable  # every replica group resumes from here; one writes (ft.py)
-        self.model, self.model_config, self.trainer = model, model_config, trainer
+        self.model, self.model_config, self.trainer = parts.model, model_config, parts.trainer
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dp_world_size = dp_world_size
         self.states: dict[str, Stateful] = {
-            "model": ModelState(model),
-            "optimizer": OptimizerState(model, optimizer),
-            "lr_scheduler": lr_scheduler,
-            "train": _TrainState(trainer, self.rank),
-            "dataloader": _PerRank(dataloader, dp_rank),
+            "model": ModelState(parts.model),
+            "optimizer": OptimizerState(parts.model, parts.optimizer),
+            "lr_scheduler": parts.lr_scheduler,
+            "train": _TrainState(parts.trainer, self.rank),
+            "dataloader": _PerRank(parts.dataloader, dp_rank),
         }
         # Async saves run their collectives in a thread, beside training's: they need their own group.
         use_group = cfg.async_mode == "async" and dist.is_initialized()

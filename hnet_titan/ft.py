@@ -54,10 +54,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed import ReduceOp
-from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp import FSDPModule
 
-from hnet_titan.checkpoint import ModelState, OptimizerState
+from hnet_titan.checkpoint import ModelState, OptimizerState, TrainingParts
 from hnet_titan.config import ConfigError, JobConfig
 from hnet_titan.data import DataError
 
@@ -120,12 +119,8 @@ class FTManager:
     def __init__(
         self,
         job: JobConfig,
+        parts: TrainingParts,
         *,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler: Stateful,
-        dataloader: Stateful,
-        trainer: Stateful,
         group_rank: int,
         group_world_size: int,
     ) -> None:
@@ -138,16 +133,17 @@ class FTManager:
                 "fault_tolerance.enable needs the lighthouse address: set fault_tolerance.lighthouse or "
                 "TORCHFT_LIGHTHOUSE (e.g. http://host:29510; scripts/ft_launch.py starts one)"
             )
-        fsdp_units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        fsdp_units = [m for m in parts.model.modules() if isinstance(m, FSDPModule)]
         if not fsdp_units:
             raise ConfigError("fault_tolerance.enable needs the model wrapped by FSDP2 (parallelize_model)")
-        self.model_state, self.optimizer_state = ModelState(model), OptimizerState(model, optimizer)
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self.dataloader, self.trainer = dataloader, trainer
+        self.model_state = ModelState(parts.model)
+        self.optimizer_state = OptimizerState(parts.model, parts.optimizer)
+        self.optimizer, self.lr_scheduler = parts.optimizer, parts.lr_scheduler
+        self.dataloader, self.trainer = parts.dataloader, parts.trainer
         self.replica_id, self.group_world_size = cfg.replica_id, group_world_size
         self.folder = Path(job.job.dump_folder) / f"replica_{cfg.replica_id}"  # this group's own outputs
         self.cursors = DataCursors(self.folder / "data" / f"rank{group_rank}", keep_every=job.checkpoint.interval)
-        self._initial_data = dataloader.state_dict()  # the stream's start, for a group without cursors
+        self._initial_data = parts.dataloader.state_dict()  # the stream's start, for a group without cursors
         self._joined = self._healed = False
 
         logging.getLogger("torchft").setLevel(logging.WARNING)  # its per-step INFO lines; failures stay

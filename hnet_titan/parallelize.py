@@ -191,14 +191,15 @@ def apply_compile(model: HNetForCausalLM, dynamic: bool) -> None:
     residual): a 2-stage model has about 8 kinds, dynamo's default limit per code object, past which
     the rest would silently run eagerly. The limit is raised to twice the number of kinds.
     """
-    blocks = all_blocks(model)
+    networks = [net for stage in model.stages() for net in stage_networks(stage).values()]
     kinds = {
-        (net.layers[0] is block, type(block.mixer), block.mlp is not None, block.norm1.weight.shape[0])
-        for stage in model.stages() for net in stage_networks(stage).values() for block in net.layers
+        (i == 0, type(block.mixer), block.mlp is not None, block.norm1.weight.shape[0])
+        for net in networks for i, block in enumerate(net.layers)
     }
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(kinds))
-    for block in blocks:
-        block.compile(dynamic=dynamic)
+    for net in networks:
+        for block in net.layers:
+            block.compile(dynamic=dynamic)
 
 
 def data_parallel_units(model: HNetForCausalLM) -> list[tuple[nn.Module, str]]:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from hnet import HNetConfig, HNetConfigError, ops
-from hnet_titan.checkpoint import CheckpointManager
+from hnet_titan.checkpoint import CheckpointManager, TrainingParts
 from hnet_titan.config import DTYPES, ConfigError, JobConfig
 from hnet_titan.data import DataError, build_dataloader
 from hnet_titan.ft import FTManager, data_parallel
@@ -145,15 +145,13 @@ class Trainer:
         self.bytes_seen = 0
         self.divergence = DivergenceWatch(self.device)
         self.grad_ranks = self.dp_world  # ranks a step's gradient is averaged over; per step under ft
+        parts = TrainingParts(self.model, self.optimizer, self.scheduler, self.train_loader, self)
         self.checkpoint = CheckpointManager(
-            job, model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
-            dataloader=self.train_loader, trainer=self, model_config=self.model_config,
-            dp_rank=self.dp_rank, dp_world_size=self.dp_world,
+            job, parts, model_config=self.model_config, dp_rank=self.dp_rank, dp_world_size=self.dp_world
         )
-        self.ft = FTManager(
-            job, model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
-            dataloader=self.train_loader, trainer=self, group_rank=self.rank, group_world_size=self.world,
-        ) if job.fault_tolerance.enable else None
+        self.ft = None
+        if job.fault_tolerance.enable:
+            self.ft = FTManager(job, parts, group_rank=self.rank, group_world_size=self.world)
         self.metrics = MetricsLogger(
             str(self.dump if self.ft is None else self.ft.folder), rank=self.rank,
             enable_tensorboard=job.metrics.enable_tensorboard,
@@ -196,7 +194,8 @@ class Trainer:
         return loss, ce_sum.detach(), [r.detach() for r in ratios], routers, cu_seqlens
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor | list | bool]:
-        num_predicted = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches).float()
+        # The loader counts the predicted bytes on the host; a fill kernel, not a copy, puts it on the device.
+        num_predicted = torch.full((), float(sum(mb["num_predicted"] for mb in micro_batches)), device=self.device)
         num_predicted = self._batch_sum(num_predicted)
         ce_total = torch.zeros((), device=self.device)
         stage_ratio = torch.zeros(self.model_config.num_stages - 1, device=self.device)

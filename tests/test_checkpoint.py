@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from hnet import HNetConfig, HNetForCausalLM
 from hnet.config import FLAVORS
-from hnet_titan.checkpoint import CheckpointManager
+from hnet_titan.checkpoint import CheckpointManager, TrainingParts
 from hnet_titan.config import ConfigError, JobConfig
 from hnet_titan.data import DataError, build_dataloader
 from hnet_titan.losses import cross_entropy_sum
@@ -170,9 +170,8 @@ class Run:
         self.loader = build_dataloader(seq_len=64, local_batch_size=2, dp_rank=dp_rank, dp_world_size=dp_world_size)
         self.counters = Counters()
         self.manager = CheckpointManager(
-            self.job, model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
-            dataloader=self.loader, trainer=self.counters, model_config=self.config, dp_rank=dp_rank,
-            dp_world_size=dp_world_size,
+            self.job, TrainingParts(self.model, self.optimizer, self.scheduler, self.loader, self.counters),
+            model_config=self.config, dp_rank=dp_rank, dp_world_size=dp_world_size,
         )
         self._batches = None
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import hnet.ops
 import hnet.ops.attention as attention_ops
-from hnet.modules.dynamic_chunking import RouterOutput, chunk, dechunk
+from hnet.modules.dynamic_chunking import RouterOutput, chunk, chunk_layout, dechunk
 from hnet.modules.packing import PackedSeq
 from hnet.ops import BackendError
 from hnet.ops.attention import packed_attention, packed_attention_reference
@@ -114,7 +114,9 @@ def test_dechunk_matches_ema_loop():
     chunk_cu = cu(counts)
     d = 64
     chunks = torch.randn(sum(counts), d, generator=torch.Generator().manual_seed(1))
-    out = dechunk(chunks, router, PackedSeq(chunk_cu))
+    layout = chunk_layout(router, PackedSeq(cus))
+    assert layout.seq.cu_seqlens.tolist() == chunk_cu.tolist()
+    out = dechunk(chunks, router, layout)
 
     # Plain loop in fp64: EMA over chunks with reset at each chunk-level document.
     P = router.boundary_prob[router.boundary_mask].double().clamp(1e-4, 1 - 1e-4)
@@ -135,7 +137,8 @@ def test_chunk_keeps_boundaries_and_counts_per_document():
     lengths = [1, 9, 2, 20]
     router, cus = make_router(lengths, seed=3)
     hidden = torch.randn(sum(lengths), 8)
-    kept, chunk_seq = chunk(hidden, router, PackedSeq(cus))
+    kept, layout = chunk(hidden, router, PackedSeq(cus))
+    chunk_seq = layout.seq
     assert torch.equal(kept, hidden[router.boundary_mask])
     counts = [int(router.boundary_mask[a:b].sum()) for a, b in zip(cus[:-1].tolist(), cus[1:].tolist())]
     assert chunk_seq.cu_seqlens.dtype == torch.int32

@@ -100,27 +100,38 @@ def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
     param.copy_(full)
 
 
-def chunk(hidden: torch.Tensor, router: RouterOutput, seq: PackedSeq) -> tuple[torch.Tensor, PackedSeq]:
-    """Keep boundary positions; the chunk-level documents follow from the boundary count per document.
+@dataclass
+class ChunkLayout:
+    """Where a stage's chunks sit, worked out once by ``chunk`` and reused by ``dechunk``."""
 
-    The chunk-level cu_seqlens come to the host once (the stage's only sync): they give the chunk count,
-    so the gather needs no sync of its own, and the longest chunk document for attention kernels.
+    seq: PackedSeq  # the chunk-level documents
+    positions: torch.Tensor  # (chunks,) the boundary positions, in order
+    latest: torch.Tensor  # (T,) each position's latest chunk (the one it belongs to)
+
+
+def chunk_layout(router: RouterOutput, seq: PackedSeq) -> ChunkLayout:
+    """The chunk-level documents follow from the boundary count per document.
+
+    Their cu_seqlens come to the host once (the stage's only sync): they give the chunk count, so the
+    boundary gather needs no sync of its own, and the longest chunk document for attention kernels.
     """
-    counts = router.boundary_mask.cumsum(0)[seq.cu_seqlens[1:].long() - 1]
-    next_cu = F.pad(counts, (1, 0)).to(torch.int32)
+    latest = router.boundary_mask.cumsum(0) - 1
+    next_cu = F.pad(latest[seq.cu_seqlens[1:].long() - 1] + 1, (1, 0)).to(torch.int32)
     host = next_cu.cpu()
     chunk_seq = PackedSeq(next_cu, total=int(host[-1]), max_seqlen=int(torch.diff(host).max()))
-    return hidden.index_select(0, _boundary_index(router, chunk_seq)), chunk_seq
+    positions = torch.nonzero_static(router.boundary_mask, size=chunk_seq.total).squeeze(1)
+    return ChunkLayout(chunk_seq, positions, latest)
 
 
-def _boundary_index(router: RouterOutput, chunk_seq: PackedSeq) -> torch.Tensor:
-    """Positions of the boundaries, with their count known up front (no host sync)."""
-    return torch.nonzero_static(router.boundary_mask, size=chunk_seq.total).squeeze(1)
+def chunk(hidden: torch.Tensor, router: RouterOutput, seq: PackedSeq) -> tuple[torch.Tensor, ChunkLayout]:
+    """Keep the boundary positions of ``hidden``."""
+    layout = chunk_layout(router, seq)
+    return hidden.index_select(0, layout.positions), layout
 
 
-def dechunk(chunks: torch.Tensor, router: RouterOutput, chunk_seq: PackedSeq) -> torch.Tensor:
+def dechunk(chunks: torch.Tensor, router: RouterOutput, layout: ChunkLayout) -> torch.Tensor:
     """EMA over the chunk sequence, then plugged back so each byte gets the EMA of its latest chunk."""
-    P = router.boundary_prob.index_select(0, _boundary_index(router, chunk_seq)).float().clamp(1e-4, 1 - 1e-4)
+    P = router.boundary_prob.index_select(0, layout.positions).float().clamp(1e-4, 1 - 1e-4)
     n, d = chunks.shape
     heads = d // DECHUNK_HEADDIM
     dt = torch.log(1 / (1 - P))
@@ -128,10 +139,9 @@ def dechunk(chunks: torch.Tensor, router: RouterOutput, chunk_seq: PackedSeq) ->
     ema = ssd_scan(
         x, dt[:, None].expand(n, heads), -torch.ones(heads, device=chunks.device),
         P.view(n, 1, 1), torch.ones(n, 1, 1, device=chunks.device),
-        chunk_size=DECHUNK_CHUNK_SIZE, seq_idx=chunk_seq.seq_idx,
+        chunk_size=DECHUNK_CHUNK_SIZE, seq_idx=layout.seq.seq_idx,
     ).view(n, d)
-    latest = router.boundary_mask.cumsum(0) - 1
-    return ema[latest].to(chunks.dtype)
+    return ema[layout.latest].to(chunks.dtype)
 
 
 def ste(x: torch.Tensor) -> torch.Tensor:
