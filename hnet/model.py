@@ -10,7 +10,7 @@ from torch.utils._pytree import register_dataclass
 
 from hnet.config import HNetConfig
 from hnet.modules.block import Isotropic
-from hnet.modules.dynamic_chunking import RouterOutput, RoutingModule, chunk, dechunk, ste
+from hnet.modules.dynamic_chunking import DeChunk, RouterOutput, RoutingModule, chunk
 from hnet.modules.packing import PackedSeq
 
 INIT_STD = 0.02
@@ -37,6 +37,7 @@ class HNet(nn.Module):
         self.main_network = HNet(config, stage + 1, device, dtype)
         self.decoder = Isotropic(layout.decoder, config, stage, device, dtype)
         self.routing_module = RoutingModule(d, device, dtype)
+        self.dechunk_layer = DeChunk()
         self.residual_proj = nn.Linear(d, d, device=device, dtype=torch.float32)  # fp32 by design
 
     @property
@@ -55,8 +56,7 @@ class HNet(nn.Module):
         router = self.routing_module(hidden, seq)
         chunks, layout = chunk(hidden, router, seq)
         inner, routers, seqs = self.main_network(chunks, layout.seq)
-        smoothed = dechunk(inner, router, layout)
-        hidden = (smoothed.float() * ste(router.selected_probs)[:, None] + residual).to(hidden.dtype)
+        hidden = self.dechunk_layer(inner, router, layout, residual)
         hidden = self.decoder(hidden, seq)
         return hidden[..., :d_in], [router, *routers], [seq, *seqs]
 

@@ -76,6 +76,8 @@ class Training:
     max_norm: float = 1.0  # gradient-norm clip; <= 0 disables
     seed: int = 0  # base random seed
     deterministic: bool = False  # deterministic algorithms (slower)
+    # fp32 matmuls on CUDA (residual_proj; all of an fp32 model) on TF32 tensor cores; false: full fp32
+    tf32: bool = True
     mixed_precision_param: Literal["float32", "bfloat16"] = "float32"  # compute dtype of parameters
     mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"  # gradient reduction dtype
     gc_freq: int = 50  # run Python GC every N steps

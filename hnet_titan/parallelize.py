@@ -182,24 +182,34 @@ def apply_activation_checkpointing(model: HNetForCausalLM, cfg: ActivationCheckp
     return wrapped
 
 
+RECOMPILES_PER_KIND = 8  # graphs one kind of block may need: length ranges, views or not, ...
+
+
 def apply_compile(model: HNetForCausalLM, dynamic: bool) -> None:
-    """Compile each block in place (parameter names unchanged).
+    """Compile each block, and each routed stage's routing and dechunk modules, in place (names unchanged).
 
     Inner lengths change with every batch, so ``dynamic`` marks sizes symbolic from the start
     instead of recompiling when they first change. Blocks share their code, and dynamo compiles one
     graph per kind of block (width, mixer, MLP or not, first of its network or not: the first gets no
-    residual): a 2-stage model has about 8 kinds, dynamo's default limit per code object, past which
-    the rest would silently run eagerly. The limit is raised to twice the number of kinds.
+    residual), and again per range of lengths: Inductor's kernel choices guard a lower bound on the
+    length they were made for (``5120 <= hidden.size()[0]``), which the tiny inner stages of an
+    untrained router's first steps break. Past dynamo's limit per code object (8) the blocks would
+    silently run eagerly for the rest of the run: hnet_2stage_L (6 kinds) reached it in step 2 on an
+    H100. The limit is raised to ``RECOMPILES_PER_KIND`` times the number of kinds.
     """
     networks = [net for stage in model.stages() for net in stage_networks(stage).values()]
     kinds = {
         (i == 0, type(block.mixer), block.mlp is not None, block.norm1.weight.shape[0])
         for net in networks for i, block in enumerate(net.layers)
     }
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(kinds))
+    limit = RECOMPILES_PER_KIND * len(kinds)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     for net in networks:
         for block in net.layers:
             block.compile(dynamic=dynamic)
+    for stage in model.stages()[:-1]:  # the elementwise work between the networks
+        stage.routing_module.compile(dynamic=dynamic)
+        stage.dechunk_layer.compile(dynamic=dynamic)
 
 
 def data_parallel_units(model: HNetForCausalLM) -> list[tuple[nn.Module, str]]:

@@ -117,6 +117,7 @@ class Trainer:
         torch.manual_seed(job.training.seed)
         if job.training.deterministic:
             torch.use_deterministic_algorithms(True)
+        torch.set_float32_matmul_precision("high" if job.training.tf32 else "highest")
         self.model_config = build_model_config(job)
         ops.configure(ssd=job.model.ssd_backend, conv=job.model.conv_backend,
                       attention=job.model.attn_backend, norm=job.model.norm_backend)

@@ -17,8 +17,9 @@ Workload
   --dtype bf16|fp32           bf16 builds the model in bf16 as the released checkpoints are (residual_proj
                               and Mamba2 D stay fp32) and AdamW updates those parameters directly, with no
                               fp32 master copy, so its step is cheaper than under FSDP mixed precision
-  --compile, --ac             per-block torch.compile and activation checkpointing, as the trainer applies
-                              them (hnet_titan.parallelize)
+  --compile, --ac             torch.compile of every block and of the routing and dechunk modules, and
+                              activation checkpointing, as the trainer applies them (hnet_titan.parallelize)
+  --no-tf32                   fp32 matmuls (residual_proj) in full fp32 instead of the trainer's default TF32
   --backend-{ssd,conv,attention,norm}  force kernel backends (hnet.ops.configure)
 
 Measurements
@@ -34,7 +35,7 @@ Measurements
                operator name: gemm, ssd, conv, attention, norm, elementwise, other. On CPU the reference
                SSD scan and conv run as plain operators, so their time shows as gemm and elementwise.
 
-JSON report (--out): flavor, device, dtype, rows, seq_len, data, compile, compiled_frames {warmup, timed}
+JSON report (--out): flavor, device, dtype, rows, seq_len, data, compile, tf32, compiled_frames {warmup, timed}
 (dynamo frames compiled in the warm-up and during the timed steps: recompiles show there), ac, force_compression,
 warmup_steps, timed_steps, backends {op: backend}, bytes_per_sec, tflops, mfu_pct (null without a known
 peak), peak_tflops, flops_per_byte, bytes_per_chunk [per routed stage], memory {mem_active_gib,
@@ -270,6 +271,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(args.seed)
     ops.configure(**{op: getattr(args, f"backend_{op}") for op in BACKENDS})
+    torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
     config = HNetConfig.from_flavor(args.flavor)
     routed = config.num_stages - 1
     force = args.force_compression
@@ -319,7 +321,7 @@ def run(args: argparse.Namespace) -> dict:
         "flavor": args.flavor,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype, "rows": args.rows, "seq_len": args.seq_len, "data": args.data,
-        "compile": args.compile, "compiled_frames": {"warmup": frames_warmup, "timed": frames_timed}, "ac": args.ac, "force_compression": force,
+        "compile": args.compile, "tf32": args.tf32, "compiled_frames": {"warmup": frames_warmup, "timed": frames_timed}, "ac": args.ac, "force_compression": force,
         "warmup_steps": args.warmup, "timed_steps": args.steps,
         "backends": ops.selection(device, dtype, compiled=args.compile),
         "bytes_per_sec": throughput["bytes_per_sec"], "tflops": throughput["tflops"],
@@ -342,7 +344,7 @@ def format_report(r: dict) -> str:
     mfu = f"{r['mfu_pct']:.1f}%" if r["mfu_pct"] is not None else "n/a"
     lines = [
         f"{r['flavor']} on {r['device']}, {r['dtype']}, {r['rows']} x {r['seq_len']} bytes ({r['data']}), "
-        f"{forced}, compile={r['compile']}, ac={r['ac']}"
+        f"{forced}, compile={r['compile']}, tf32={r['tf32']}, ac={r['ac']}"
         + (f" (frames compiled: {r['compiled_frames']['warmup']} in warm-up, {r['compiled_frames']['timed']} timed)"
            if r["compile"] else ""),
         "backends: " + " ".join(f"{op}={name}" for op, name in r["backends"].items()),
@@ -383,6 +385,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--force-compression", default="", help="N1[,N2]: fixed boundaries per routed stage")
     p.add_argument("--compile", action="store_true", help="torch.compile every block")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="fp32 matmuls (residual_proj) on TF32 tensor cores, the trainer's default (training.tf32)")
     p.add_argument("--ac", choices=["none", "full", "every_n"], default="none", help="activation checkpointing")
     p.add_argument("--ac-every", type=int, default=2, help="every_n: checkpoint every n-th block")
     for op in BACKENDS:

@@ -1,6 +1,6 @@
 """Check the CUDA fast path against the pure-PyTorch reference path, per op and end to end.
 
-    python scripts/check_kernels.py [--flavors hnet_1stage_L,hnet_2stage_L] [--docs 8] [--doc-len 8192]
+    python scripts/check_kernels.py [--flavors hnet_1stage_L,hnet_2stage_L] [--docs 8] [--doc-len 8192] [--trained]
 
 Per op: each fast backend on bf16 inputs against the reference computed in fp32 from the same
 inputs (outputs and input gradients). End to end: the flavor in bf16 on the fast path against the
@@ -15,7 +15,8 @@ largest floor among the parameters of its kind (its name without the layer path,
 ``mixer.A_log``). One tensor's floor is a single noisy sample (the kernels round elsewhere than the
 reference and accumulate with atomics: fast / own floor measured up to 2.5 at 8 x 8192 bytes); the
 largest over a kind is what bf16 permits for it (fast / kind floor measured at most 1.12), while a
-kernel bug shows as errors of order one.
+kernel bug shows as errors of order one. ``--trained`` runs the fast model as the trainer does:
+compiled (hnet_titan.parallelize.apply_compile) and with TF32 for its fp32 matmuls.
 Needs a CUDA GPU.
 """
 
@@ -40,6 +41,7 @@ from hnet.ops.attention import packed_attention  # noqa: E402
 from hnet.ops.conv import causal_conv1d  # noqa: E402
 from hnet.ops.norm import gated_rms_norm, rms_norm  # noqa: E402
 from hnet.ops.ssd import ssd_scan  # noqa: E402
+from hnet_titan.parallelize import apply_compile  # noqa: E402
 
 REFERENCE = {"ssd": "torch", "conv": "torch", "attention": "sdpa", "norm": "torch"}
 FAST = {"ssd": "auto", "conv": "auto", "attention": "auto", "norm": "auto"}
@@ -128,7 +130,8 @@ def param_kind(name: str) -> str:
     return name.rsplit(".layers.", 1)[1].split(".", 1)[1] if ".layers." in name else name
 
 
-def check_model(flavor: str, docs: int, doc_len: int, tolerance: float) -> dict:
+def check_model(flavor: str, docs: int, doc_len: int, tolerance: float, trained: bool = False) -> dict:
+    """End-to-end errors; ``trained``: the fast model compiled and with TF32, as the trainer runs it."""
     dev = torch.device("cuda")
     config = HNetConfig.from_flavor(flavor)
     torch.manual_seed(0)
@@ -143,11 +146,14 @@ def check_model(flavor: str, docs: int, doc_len: int, tolerance: float) -> dict:
     ref_bf16 = HNetForCausalLM(config, device=dev, dtype=torch.bfloat16)
     ref_bf16.load_state_dict(fast_model.state_dict())
     checkpoint_blocks(ref_bf16)
+    if trained:
+        apply_compile(fast_model, dynamic=True)
     ops.configure(**FAST)
     runs, fast_backends = {}, ops.selection(dev, torch.bfloat16)
     for name, model, choice in (("fast", fast_model, FAST), ("ref", ref_model, REFERENCE),
                                 ("ref_bf16", ref_bf16, REFERENCE)):
         ops.configure(**choice)
+        torch.set_float32_matmul_precision("high" if trained and name == "fast" else "highest")
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with forced_boundaries(model, COMPRESSION[flavor]):
@@ -160,6 +166,7 @@ def check_model(flavor: str, docs: int, doc_len: int, tolerance: float) -> dict:
             "probs": [r.boundary_prob.detach().float() for r in out.router_outputs],
         }
         del out, loss
+    torch.set_float32_matmul_precision("highest")
     ref = runs["ref"]
     grad_errs = {n: rel_err(runs["fast"]["grads"][n], g) for n, g in ref["grads"].items()}
     floor_errs = {n: rel_err(runs["ref_bf16"]["grads"][n], g) for n, g in ref["grads"].items()}
@@ -197,6 +204,7 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=8)
     parser.add_argument("--doc-len", type=int, default=8192)
     parser.add_argument("--tolerance", type=float, default=2e-2)
+    parser.add_argument("--trained", action="store_true", help="fast model compiled and with TF32, as trained")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -204,12 +212,13 @@ def main() -> int:
         return 2
     report = {"device": torch.cuda.get_device_name(), "ops": check_ops(args.docs, args.doc_len), "models": {}}
     for flavor in args.flavors.split(","):
-        report["models"][flavor] = check_model(flavor, args.docs, args.doc_len, args.tolerance)
+        report["models"][flavor] = check_model(flavor, args.docs, args.doc_len, args.tolerance, args.trained)
         torch.cuda.empty_cache()
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     ok = True
-    print(f"\n{report['device']}: fast (bf16) vs reference (fp32), relative error, {args.docs} x {args.doc_len} bytes")
+    fast = "fast (bf16, compiled, TF32)" if args.trained else "fast (bf16)"
+    print(f"\n{report['device']}: {fast} vs reference (fp32), relative error, {args.docs} x {args.doc_len} bytes")
     print(f"{'check':42s} {'output':>10s} {'grads (max)':>12s} {'grads (all)':>12s}")
     for name, r in report["ops"].items():
         g = max((v for k, v in r.items() if k.startswith("grad")), default=math.nan)

@@ -18,6 +18,7 @@ import random
 import pytest
 import torch
 import torch.distributed as dist
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -25,6 +26,8 @@ from torch.utils._pytree import tree_leaves
 
 from dist_utils import read_metrics, run_ranks
 from hnet import HNetConfig, HNetForCausalLM
+from hnet.modules.block import Block
+from hnet.modules.dynamic_chunking import forced_boundaries
 from hnet_titan.config import ConfigError, JobConfig, Parallelism
 from hnet_titan.data import build_dataloader
 from hnet_titan.losses import cross_entropy_sum, ratio_loss
@@ -332,3 +335,34 @@ def test_compiled_blocks_match_eager_without_recompiling():
     assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-5)
     assert frames[0] > 0  # the blocks did compile
     assert frames[1:] == [frames[0]] * 3  # and new lengths and document counts compiled nothing new
+
+
+def test_compile_leaves_room_for_a_graph_per_length_range(monkeypatch):
+    """An untrained router hands inner stages lengths from a handful to thousands within a few steps.
+
+    Inductor guards a block graph on the range of lengths it was built for, so each kind of block
+    compiles again per range: here (CPU) two ranges per kind, on an H100 more (hnet_2stage_L reached
+    dynamo's limit of 2 x kinds in step 2, after which its blocks ran eagerly). The limit that
+    apply_compile sets must be out of reach with room to spare, and reaching it is an error here.
+    """
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = HNetForCausalLM(HNetConfig.from_flavor("debug"))
+    model.init_weights()
+    apply_compile(model, dynamic=True)
+    lengths = []
+    for docs, every in [([2500, 2600], 1.2), ([3000, 2100], 2000.0), ([40, 60], 2.0), ([2000, 3100], 3.0)]:
+        ids = torch.randint(0, 256, (sum(docs),))
+        cu = torch.tensor([0, *itertools.accumulate(docs)], dtype=torch.int32)
+        with forced_boundaries(model, [every]):
+            out = model(ids, cu)
+        out.logits.float().sum().backward()
+        lengths.append(out.stage_seqs[1].total)
+    assert min(lengths) < 8 and max(lengths) > 4096  # the inner stage went through both regimes
+    graphs = len(_debug_get_cache_entry_list(Block.forward.__code__))
+    kinds = len({(i == 0, type(b.mixer), b.mlp is not None, b.norm1.weight.shape[0])
+                 for net in (model.backbone.encoder, model.backbone.main_network.main_network, model.backbone.decoder)
+                 for i, b in enumerate(net.layers)})
+    assert graphs >= 2 * kinds  # a graph per kind and length range
+    assert torch._dynamo.config.recompile_limit >= 2 * graphs

@@ -30,10 +30,11 @@ def test_each_fast_op_matches_its_reference(check_kernels):
         assert max(errors.values()) < TOLERANCE, (name, errors)
 
 
+@pytest.mark.parametrize("trained", [False, True], ids=["eager", "compiled_tf32"])
 @pytest.mark.parametrize("flavor", ["hnet_1stage_L", "hnet_2stage_L"])
-def test_model_fast_path_matches_reference(check_kernels, flavor):
-    r = check_kernels.check_model(flavor, docs=2, doc_len=2048, tolerance=TOLERANCE)
-    print(flavor, {k: r[k] for k in ("logits", "grad_global", "grad_max", "worst_over_floor")})  # shown by -rP
+def test_model_fast_path_matches_reference(check_kernels, flavor, trained):
+    r = check_kernels.check_model(flavor, docs=2, doc_len=2048, tolerance=TOLERANCE, trained=trained)
+    print(flavor, trained, {k: r[k] for k in ("logits", "grad_global", "grad_max", "worst_over_floor")})  # shown by -rP
     assert r["logits"] < TOLERANCE and r["grad_global"] < TOLERANCE, r
     assert r["within_floor"], r["grad_worst"]
     b = r["backends"]

@@ -33,7 +33,7 @@ TRAIN_KEYS_CPU = {
     "elapsed_s", "eta_s",
 }
 BENCHMARK_KEYS = {
-    "flavor", "device", "dtype", "rows", "seq_len", "data", "compile", "ac", "force_compression", "warmup_steps",
+    "flavor", "device", "dtype", "rows", "seq_len", "data", "compile", "tf32", "ac", "force_compression", "warmup_steps",
     "timed_steps", "backends", "bytes_per_sec", "tflops", "mfu_pct", "peak_tflops", "flops_per_byte",
     "bytes_per_chunk", "memory", "step_ms", "time_ms", "op_class_ms", "top_kernels_ms", "compiled_frames",
 }

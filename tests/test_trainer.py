@@ -61,6 +61,18 @@ def test_micro_batches_do_not_change_loss_or_gradients(tmp_path):
         t.close()
 
 
+def test_tf32_setting_sets_the_fp32_matmul_precision(tmp_path):
+    """training.tf32 (default on) lets fp32 matmuls such as residual_proj use TF32 tensor cores."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        for flag, precision in (("--training.tf32", "high"), ("--training.no_tf32", "highest")):
+            Trainer(job(tmp_path / flag, flag)).close()
+            assert torch.get_float32_matmul_precision() == precision
+        assert JobConfig().training.tf32
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_nan_loss_stops_with_the_step(tmp_path):
     trainer = Trainer(job(tmp_path, "--training.steps", "5", "--metrics.log_freq", "1"))
     calls = {"n": 0}

@@ -141,9 +141,23 @@ def dechunk(chunks: torch.Tensor, router: RouterOutput, layout: ChunkLayout) -> 
         P.view(n, 1, 1), torch.ones(n, 1, 1, device=chunks.device),
         chunk_size=DECHUNK_CHUNK_SIZE, seq_idx=layout.seq.seq_idx,
     ).view(n, d)
-    return ema[layout.latest].to(chunks.dtype)
+    return ema.index_select(0, layout.latest).to(chunks.dtype)
 
 
 def ste(x: torch.Tensor) -> torch.Tensor:
     """Straight-through: forward exactly 1, backward the identity."""
     return x - x.detach() + 1.0
+
+
+class DeChunk(nn.Module):
+    """A stage's way back out: dechunk the inner output, scale by STE(c), add the residual.
+
+    A module without parameters (as in the reference) so that compile can take it: the elementwise
+    passes over the (T, D) fp32 stream around the scan then fuse into a few kernels.
+    """
+
+    def forward(
+        self, inner: torch.Tensor, router: RouterOutput, layout: ChunkLayout, residual: torch.Tensor
+    ) -> torch.Tensor:
+        smoothed = dechunk(inner, router, layout)
+        return (smoothed.float() * ste(router.selected_probs)[:, None] + residual).to(inner.dtype)

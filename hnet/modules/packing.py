@@ -42,6 +42,7 @@ class PackedSeq:
         recompile between its first and later calls on a sequence.
         """
         self.seq_idx
+        self.position_ids  # rotary tables and forced routing boundaries
         if attention:
             self.max_seqlen
             if rotary_dim:
