@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -63,10 +64,13 @@ class DivergenceWatch:
 
 
 class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM (preemption) end training after the current step, on every rank.
+    """SIGINT (Ctrl-C) and SIGTERM (preemption) end training after a step, on every rank.
 
     Stopping inside a step would checkpoint a dataloader ahead of the model, and ranks stopping at
     different steps would wait forever on each other's collectives; a second signal interrupts at once.
+    With several ranks the flags are all-reduced without waiting for the answer: each step starts
+    the reduction of its flags and reads the previous step's, finished by then, so the host never
+    waits for the GPU to drain; every rank stops after the step following the signal.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -74,6 +78,7 @@ class StopRequest:
     def __init__(self, device: torch.device) -> None:
         self.device, self.received = device, False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self._pending: Callable[[], bool] | None = None  # reads the reduction started after the previous step
 
     def _handle(self, signum: int, frame) -> None:
         if self.received:
@@ -82,12 +87,31 @@ class StopRequest:
         logger.warning("%s: stopping after this step (send it again to stop at once)", signal.Signals(signum).name)
 
     def __call__(self) -> bool:
-        """Whether any rank got a signal: a collective, so every rank asks after every step."""
+        """Whether to stop now; every rank asks after every step and gets the same answer."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return self.received
+        previous, self._pending = self._pending, self._reduce()
+        return previous is not None and previous()
+
+    def _reduce(self) -> Callable[[], bool]:
+        """Start the all-reduce of this rank's flag; the returned call gives the result."""
         flag = torch.tensor([float(self.received)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        if flag.device.type == "cuda":
+            work.wait()  # on CUDA this orders the current stream after the reduction; the host goes on
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            wait = copied.synchronize
+        else:
+            host, wait = flag, work.wait
+
+        def result() -> bool:
+            wait()
+            return bool(host.item())
+
+        return result
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

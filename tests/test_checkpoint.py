@@ -349,12 +349,13 @@ def test_checkpoint_of_another_model_stops_the_trainer_with_one_line(runs, tmp_p
     assert "Traceback" not in result.output
 
 
-def test_sigterm_on_one_rank_stops_every_rank_at_that_step_and_saves(tmp_path):
+def test_sigterm_on_one_rank_stops_every_rank_at_the_next_step_and_saves(tmp_path):
+    """The ranks learn of rank 0's signal (during step 3) from a reduction read one step later."""
     result = _train(tmp_path, ["--training.steps", "1000", "--checkpoint.interval", "1000"],
                     CKPT_TEST_SIGTERM_AT="3").check()
-    assert all("stopped at step 3" in output for output in result.outputs)
-    assert max(read_metrics(tmp_path)) == 3
-    assert _steps(tmp_path) == ["step-3"]
+    assert all("stopped at step 4" in output for output in result.outputs)
+    assert max(read_metrics(tmp_path)) == 4
+    assert _steps(tmp_path) == ["step-4"]
 
 
 # ---------------------------------------------------------------- a rank, when run as a script
