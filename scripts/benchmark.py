@@ -384,7 +384,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--source", nargs="*", default=[], help="corpus paths for --data corpus (none: Python stdlib)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--force-compression", default="", help="N1[,N2]: fixed boundaries per routed stage")
-    p.add_argument("--compile", action="store_true", help="torch.compile every block")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks, routing and dechunk modules")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="fp32 matmuls (residual_proj) on TF32 tensor cores, the trainer's default (training.tf32)")
     p.add_argument("--ac", choices=["none", "full", "every_n"], default="none", help="activation checkpointing")
