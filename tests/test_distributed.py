@@ -108,12 +108,14 @@ def test_ranks_see_the_micro_batches_of_one_accumulating_rank(corpus, world):
                 assert torch.equal(batch[key], expected[key]), (rank, step, key)
 
 
-def assert_parity(actual: dict[str, dict[int, float]], expected: dict[str, dict[int, float]]) -> None:
+def assert_parity(
+    actual: dict[str, dict[int, float]], expected: dict[str, dict[int, float]], rel: float = 1e-5
+) -> None:
     assert sorted(expected["loss"]) == list(range(1, STEPS + 1))
     for key in ("loss", "grad_norm"):
         assert actual[key].keys() == expected[key].keys()
         for step, value in expected[key].items():
-            assert actual[key][step] == pytest.approx(value, rel=1e-5, abs=1e-5), (key, step)
+            assert actual[key][step] == pytest.approx(value, rel=rel, abs=rel), (key, step)
 
 
 @pytest.mark.parametrize(
@@ -144,7 +146,8 @@ def test_ddp_two_ranks_match_one_rank(corpus, single_rank, tmp_path):
 def test_compiled_checkpointed_fsdp_two_ranks_match_eager_one_rank(corpus, single_rank, tmp_path):
     args = train_args(corpus, tmp_path, "debug", "--compile.enable", "--activation_checkpoint.mode", "every_n")
     run_ranks(args, nproc=2, timeout=600).check()
-    assert_parity(losses_and_norms(tmp_path), single_rank("debug", 2))
+    # Inductor sums in another order than eager (the router's cosine, the norms): 1.2e-5 apart by step 5
+    assert_parity(losses_and_norms(tmp_path), single_rank("debug", 2), rel=1e-4)
 
 
 def test_mesh_mismatch_is_one_clear_error(corpus, tmp_path):
