@@ -185,6 +185,14 @@ def apply_activation_checkpointing(model: HNetForCausalLM, cfg: ActivationCheckp
 RECOMPILES_PER_KIND = 8  # graphs one kind of block may need: length ranges, views or not, ...
 
 
+def block_kinds(model: HNetForCausalLM) -> set[tuple]:
+    """What tells compiled blocks apart: first of its network (no residual in), mixer, MLP, width."""
+    return {
+        (i == 0, type(block.mixer), block.mlp is not None, block.norm1.weight.shape[0])
+        for stage in model.stages() for net in stage_networks(stage).values() for i, block in enumerate(net.layers)
+    }
+
+
 def apply_compile(model: HNetForCausalLM, dynamic: bool) -> None:
     """Compile each block, and each routed stage's routing and dechunk modules, in place (names unchanged).
 
@@ -197,16 +205,10 @@ def apply_compile(model: HNetForCausalLM, dynamic: bool) -> None:
     silently run eagerly for the rest of the run: hnet_2stage_L (6 kinds) reached it in step 2 on an
     H100. The limit is raised to ``RECOMPILES_PER_KIND`` times the number of kinds.
     """
-    networks = [net for stage in model.stages() for net in stage_networks(stage).values()]
-    kinds = {
-        (i == 0, type(block.mixer), block.mlp is not None, block.norm1.weight.shape[0])
-        for net in networks for i, block in enumerate(net.layers)
-    }
-    limit = RECOMPILES_PER_KIND * len(kinds)
+    limit = RECOMPILES_PER_KIND * len(block_kinds(model))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    for net in networks:
-        for block in net.layers:
-            block.compile(dynamic=dynamic)
+    for block in all_blocks(model):
+        block.compile(dynamic=dynamic)
     for stage in model.stages()[:-1]:  # the elementwise work between the networks
         stage.routing_module.compile(dynamic=dynamic)
         stage.dechunk_layer.compile(dynamic=dynamic)

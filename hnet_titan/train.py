@@ -23,7 +23,7 @@ from hnet_titan.checkpoint import CheckpointManager, TrainingParts
 from hnet_titan.config import DTYPES, ConfigError, JobConfig
 from hnet_titan.data import DataError, build_dataloader
 from hnet_titan.ft import FTManager, data_parallel
-from hnet_titan.losses import IGNORE_INDEX, bits_per_byte, cross_entropy_sum, ratio_loss
+from hnet_titan.losses import bits_per_byte, cross_entropy_sum, ratio_loss
 from hnet_titan.metrics import MetricsLogger, ThroughputMeter, device_peak_tflops
 from hnet_titan.model_io import CheckpointError
 from hnet_titan.optim import build_lr_scheduler, build_optimizer
@@ -263,8 +263,8 @@ class Trainer:
                 break
             batch = self._to_device(batch)
             out = self.model(batch["input_ids"], batch["cu_seqlens"], batch.get("max_seqlen"))
-            totals += torch.stack([cross_entropy_sum(out.logits, batch["labels"]),
-                                   (batch["labels"] != IGNORE_INDEX).sum().float()])
+            totals[0] += cross_entropy_sum(out.logits, batch["labels"])
+            totals[1] += batch["num_predicted"]  # counted by the loader on the host
         self.model.train()
         totals = self._all_reduce(totals)
         return bits_per_byte((totals[0] / totals[1].clamp(min=1)).item())

@@ -34,6 +34,7 @@ from hnet_titan.losses import cross_entropy_sum, ratio_loss
 from hnet_titan.parallelize import (
     apply_activation_checkpointing,
     apply_compile,
+    block_kinds,
     build_mesh,
     build_model,
     dp_degrees,
@@ -364,8 +365,6 @@ def test_compile_leaves_room_for_a_graph_per_length_range(monkeypatch):
         lengths.append(out.stage_seqs[1].total)
     assert min(lengths) < 8 and max(lengths) > 4096  # the inner stage went through both regimes
     graphs = len(_debug_get_cache_entry_list(Block.forward.__code__))
-    kinds = len({(i == 0, type(b.mixer), b.mlp is not None, b.norm1.weight.shape[0])
-                 for net in (model.backbone.encoder, model.backbone.main_network.main_network, model.backbone.decoder)
-                 for i, b in enumerate(net.layers)})
+    kinds = len(block_kinds(model))
     assert graphs >= 2 * kinds  # a graph per kind and length range
     assert torch._dynamo.config.recompile_limit >= 2 * graphs

@@ -22,7 +22,7 @@ logger = logging.getLogger("hnet.ops")
 BACKENDS: dict[str, tuple[str, dict[str, str | None]]] = {
     "ssd": ("torch", {"triton": "mamba_ssm"}),
     "conv": ("torch", {"cuda": "causal_conv1d"}),
-    "attention": ("sdpa", {"flash_attn": "flash_attn", "varlen": None, "flex": None}),
+    "attention": ("sdpa", {"flash_attn": "flash_attn", "varlen": "torch.nn.attention.varlen", "flex": None}),
     "norm": ("torch", {"triton": "mamba_ssm"}),
 }
 _forced: dict[str, str] = {op: "auto" for op in BACKENDS}
@@ -52,7 +52,7 @@ def configure(**choices: str) -> None:
 # traces a compiled block, where an import-system call would break the graph.
 _INSTALLED = {
     module: importlib.util.find_spec(module) is not None
-    for module in ("mamba_ssm", "causal_conv1d", "flash_attn", "torch.nn.attention.varlen")
+    for _, fast in BACKENDS.values() for module in fast.values() if module is not None
 }
 # Ops whose reference Inductor fuses better than the fast kernel: the automatic choice while compiling.
 _COMPILED_PREFERS_REFERENCE = {"norm"}
@@ -69,8 +69,6 @@ def _available(op: str, name: str, device: torch.device, dtype: torch.dtype | No
         return False
     if (op, name) in _HALF_ONLY and dtype not in (torch.float16, torch.bfloat16, None):
         return False
-    if op == "attention" and name == "varlen":
-        return _INSTALLED["torch.nn.attention.varlen"]
     module = fast[name]
     return module is None or _INSTALLED[module]
 
