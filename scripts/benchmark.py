@@ -47,6 +47,7 @@ costliest kernels).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -292,10 +293,12 @@ def run(args: argparse.Namespace) -> dict:
     batches = host_batches(args, args.warmup + args.steps + 1)
     step = partial(train_step, model, optimizer, targets=targets)
 
+    gc.disable()  # as the trainer: no collector pause lands inside a timed step
     with forced_boundaries(model, force):
         for batch in batches[: args.warmup]:
             step(to_device(batch, device), timeline=timer.new_step())
         synchronize(device)
+        gc.collect()
         frames_warmup = compiled_frames()
         meter.flush()  # drops the warm-up interval and resets the memory peaks
         timer.steps.clear()
@@ -307,6 +310,7 @@ def run(args: argparse.Namespace) -> dict:
             meter.record_step(batch["input_ids"].numel(), [out.stage_cu_seqlens])
             positions.append(torch.stack([cu[-1] for cu in out.stage_cu_seqlens]))
         throughput = meter.flush()
+        gc.enable()
         frames_timed = compiled_frames() - frames_warmup
         timer.remove()
         step_ms, time_ms = timer.summary()

@@ -39,3 +39,44 @@ def test_model_fast_path_matches_reference(check_kernels, flavor, trained):
     assert r["within_floor"], r["grad_worst"]
     b = r["backends"]
     assert (b["ssd"], b["conv"], b["norm"]) == ("triton", "cuda", "triton") and b["attention"] in ("varlen", "flash_attn")
+
+
+def test_split_conv_scan_keeping_states_matches_mamba_ssm():
+    """hnet.ops.mamba_fused (chunk states saved) == mamba_ssm's split-conv-scan (recomputed), forward and backward."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+
+    from hnet.ops import mamba_fused
+
+    assert mamba_fused.available()
+    torch.manual_seed(0)
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    T, d, nheads, headdim, ngroups, dstate, chunk = 3000, 256, 8, 64, 1, 128, 256  # T not a multiple of chunk
+    dim, conv_dim = nheads * headdim, nheads * headdim + 2 * ngroups * dstate
+    params = {
+        "zxbcdt": torch.randn(T, dim + conv_dim + nheads, device=dev, dtype=bf16),
+        "conv_w": torch.randn(conv_dim, 4, device=dev, dtype=bf16) / 2,
+        "conv_b": torch.randn(conv_dim, device=dev, dtype=bf16),
+        "dt_bias": torch.randn(nheads, device=dev, dtype=bf16) - 3, "A": -torch.rand(nheads, device=dev) * 8 - 1,
+        "D": torch.ones(nheads, device=dev), "norm_w": torch.rand(dim, device=dev, dtype=bf16) + 0.5,
+        "outproj_w": torch.randn(d, dim, device=dev, dtype=bf16) / dim**0.5,
+    }
+    lengths = torch.tensor([700, 1, 299, 1500, 500])  # documents, one of a single position
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(dev, torch.int32)
+    dout = torch.randn(T, d, device=dev, dtype=bf16)
+
+    def run(fn):
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        out = fn(leaves)
+        out.backward(dout)
+        return [out] + [leaves[k].grad for k in params]
+
+    ours = run(lambda p: mamba_fused.SplitConvScan.apply(
+        *p.values(), seq_idx[None], chunk, ngroups, 1e-5, False))
+    theirs = run(lambda p: mamba_split_conv1d_scan_combined(
+        p["zxbcdt"][None], p["conv_w"], p["conv_b"], p["dt_bias"], p["A"], p["D"], chunk, seq_idx=seq_idx[None],
+        activation="silu", rmsnorm_weight=p["norm_w"], rmsnorm_eps=1e-5, outproj_weight=p["outproj_w"],
+        headdim=headdim, ngroups=ngroups, norm_before_gate=False)[0])
+    for name, a, b in zip(["out", *params], ours, theirs):
+        err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        print(name, err)  # shown by -rP
+        assert err < 1e-3, (name, err)

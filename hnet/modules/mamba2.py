@@ -2,7 +2,8 @@
 
 in_proj produces [z, x, B, C, dt]; a causal depthwise conv runs over [x, B, C]; the SSD scan gives y;
 out = out_proj(norm(y * silu(z))). On CUDA with mamba_ssm and causal_conv1d the whole chain after
-in_proj runs as mamba_ssm's fused split-conv-scan kernel; otherwise it is composed from hnet.ops.
+in_proj runs as one autograd function over mamba_ssm's kernels (hnet.ops.mamba_fused); otherwise it
+is composed from hnet.ops.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from hnet.config import MAMBA_HEADDIM, MAMBA_NGROUPS
 from hnet.modules.norm import RMSNormGated
 from hnet.modules.packing import PackedSeq
 from hnet.ops import causal_conv1d, resolve, ssd_scan
+from hnet.ops.mamba_fused import split_conv_scan
 
 
 class Mamba2(nn.Module):
@@ -53,17 +55,13 @@ class Mamba2(nn.Module):
         )
         return self.out_proj(self.norm(y.view(T, self.d_inner), z))
 
-    @torch.compiler.disable  # mamba_ssm's autograd.Function: opaque to dynamo, runs between compiled graphs
-    def _fused(self, zxbcdt: torch.Tensor, conv_w: torch.Tensor, A: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
-        """conv -> SSD -> gated norm -> out_proj as mamba_ssm's one split-conv-scan autograd function."""
-        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
-
-        return mamba_split_conv1d_scan_combined(
-            zxbcdt[None], conv_w, self.conv1d.bias, self.dt_bias, A, self.D, self.chunk_size,
-            seq_idx=seq_idx[None], activation="silu", rmsnorm_weight=self.norm.weight,
-            rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, headdim=self.headdim,
-            ngroups=self.ngroups, norm_before_gate=False,
-        )[0]
+    @torch.compiler.disable  # mamba_ssm's kernels in an autograd.Function: opaque to dynamo, eager between graphs
+    def _fused(self, zxbcdt: torch.Tensor, conv_w: torch.Tensor, A: torch.Tensor, seq_idx: torch.Tensor):
+        """conv -> SSD -> gated norm -> out_proj as one autograd function (hnet.ops.mamba_fused)."""
+        return split_conv_scan(
+            zxbcdt, conv_w, self.conv1d.bias, self.dt_bias, A, self.D, self.norm.weight, self.out_proj.weight,
+            seq_idx, chunk_size=self.chunk_size, ngroups=self.ngroups, eps=self.norm.eps, norm_before_gate=False,
+        )
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4) -> None:

@@ -1,0 +1,159 @@
+"""Mamba2's conv -> SSD -> gated norm -> out_proj in one autograd function that keeps its chunk states.
+
+mamba_ssm's ``mamba_split_conv1d_scan_combined`` saves only its input and, in the backward, recomputes
+the conv, the dt cumsum, C.B within chunks, the per-chunk states and their passing across chunks. This
+function launches the same mamba_ssm kernels in the same order, but the forward keeps what the SSD
+backward needs (dt after softplus, its cumsum, C.B and the fp32 states entering each chunk: about
+0.35 GB per layer at 65,536 positions, d_inner 2048); only the conv is recomputed (its output would
+cost as much memory again for less time). The scan kernel rounds the fp32 states to bf16 as it loads
+them, as the library's forward rounds them when it stores, so outputs and gradients equal the library's
+up to the order of its atomic adds (tests/test_gpu.py).
+
+Uses mamba_ssm's internal kernel wrappers (2.x layout); where they are missing, callers fall back to
+the library's public function (``available()``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("hnet.ops")
+
+
+@functools.cache
+def available() -> bool:
+    """True when this mamba_ssm exposes the kernel wrappers the function composes."""
+    try:
+        _kernels()
+    except ImportError as e:
+        logger.warning("mamba_ssm internals not found (%s): Mamba2 uses the library's split-conv-scan, "
+                       "which recomputes its chunk states in the backward", e)
+        return False
+    return True
+
+
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
+    from mamba_ssm.ops.triton import layernorm_gated, ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing
+    from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx, ensure_stride
+
+    return SimpleNamespace(
+        conv_fwd=causal_conv1d_fwd_function, conv_bwd=causal_conv1d_bwd_function, ensure_stride=ensure_stride,
+        norm_fwd=layernorm_gated._layer_norm_fwd, norm_bwd=layernorm_gated._layer_norm_bwd,
+        bmm_fwd=ssd_bmm._bmm_chunk_fwd, bmm_bwd=ssd_bmm._bmm_chunk_bwd,
+        cumsum_fwd=ssd_chunk_state._chunk_cumsum_fwd, cumsum_bwd=ssd_chunk_state._chunk_cumsum_bwd,
+        state_fwd=ssd_chunk_state._chunk_state_fwd, state_bwd_db=ssd_chunk_state._chunk_state_bwd_db,
+        passing_fwd=ssd_state_passing._state_passing_fwd, passing_bwd=ssd_state_passing._state_passing_bwd,
+        scan_fwd=ssd_chunk_scan._chunk_scan_fwd, scan_bwd_dx=_chunk_scan_chunk_state_bwd_dx,
+        scan_bwd_dstates=ssd_chunk_scan._chunk_scan_bwd_dstates, scan_bwd_dC=ssd_chunk_scan._chunk_scan_bwd_dC,
+        scan_bwd_dcb=ssd_chunk_scan._chunk_scan_bwd_dcb, scan_bwd_ddAcs=ssd_chunk_scan._chunk_scan_bwd_ddAcs_stable,
+    )
+
+
+def split_conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, seq_idx, *,
+                    chunk_size: int, ngroups: int, eps: float, norm_before_gate: bool) -> torch.Tensor:
+    """(T, d_inner + conv_dim + nheads) -> (T, d): this module's function, or the library's where it cannot run."""
+    if available():
+        return SplitConvScan.apply(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, seq_idx[None],
+                                   chunk_size, ngroups, eps, norm_before_gate)
+    from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+
+    nheads = A.shape[0]
+    return mamba_split_conv1d_scan_combined(
+        zxbcdt[None], conv_w, conv_b, dt_bias, A, D, chunk_size, seq_idx=seq_idx[None], activation="silu",
+        rmsnorm_weight=norm_w, rmsnorm_eps=eps, outproj_weight=outproj_w, ngroups=ngroups,
+        headdim=(zxbcdt.shape[-1] - conv_w.shape[0] - nheads) // nheads, norm_before_gate=norm_before_gate,
+    )[0]
+
+
+def _split_conv(k: SimpleNamespace, zxbcdt: torch.Tensor, conv_w, conv_b, seq_idx, nheads: int, ngroups: int):
+    """z, xBC, dt of the (T, .) projection as batch-1 views, and x, B, C after the causal conv + SiLU."""
+    dim = zxbcdt.shape[-1] - conv_w.shape[0] - nheads
+    dstate = (conv_w.shape[0] - dim) // (2 * ngroups)
+    z, xbc, dt_raw = zxbcdt[None].split([dim, conv_w.shape[0], nheads], dim=-1)
+    xbc_conv = k.conv_fwd(k.ensure_stride(xbc).transpose(1, 2), conv_w, conv_b, seq_idx, None, None, True)
+    x, B, C = xbc_conv.transpose(1, 2).split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
+    x, B, C = x.unflatten(-1, (nheads, -1)), B.unflatten(-1, (ngroups, dstate)), C.unflatten(-1, (ngroups, dstate))
+    return z, xbc, dt_raw, x, B, C
+
+
+class SplitConvScan(torch.autograd.Function):
+    """zxbcdt (T, d_inner + conv_dim + nheads) -> out_proj(norm(ssd(conv(xBC)) * silu(z))) (T, d).
+
+    seq_idx is (1, T) int32; the rest are the Mamba2 mixer's parameters (A = -exp(A_log) in fp32).
+    """
+
+    @staticmethod
+    def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, seq_idx,
+                chunk_size: int, ngroups: int, eps: float, norm_before_gate: bool):
+        k = _kernels()
+        z, _, dt_raw, x, B, C = _split_conv(k, zxbcdt, conv_w, conv_b, seq_idx, A.shape[0], ngroups)
+        dA_cumsum, dt = k.cumsum_fwd(dt_raw, A, chunk_size, dt_bias=dt_bias, dt_softplus=True)
+        local = k.state_fwd(B, x, dt, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
+        states, _ = k.passing_fwd(local.flatten(-2), dA_cumsum[..., -1], seq_idx=seq_idx, chunk_size=chunk_size)
+        states = states.unflatten(-1, x.shape[-1:] + B.shape[-1:])  # fp32: the state entering each chunk
+        CB = k.bmm_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
+        y, _ = k.scan_fwd(CB, x, dt, dA_cumsum, C, states, D=D, seq_idx=seq_idx)  # rounds them to bf16 itself
+        y_norm, _, rstd = k.norm_fwd(
+            y[0].flatten(-2), norm_w, None, eps, z[0], group_size=z.shape[-1] // ngroups,
+            norm_before_gate=norm_before_gate, is_rms_norm=True,
+        )
+        ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, seq_idx,
+                              y, rstd, dt, dA_cumsum, states, CB)
+        ctx.config = (chunk_size, ngroups, eps, norm_before_gate)
+        return F.linear(y_norm, outproj_w)
+
+    @staticmethod
+    def backward(ctx, dout):
+        k = _kernels()
+        zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, seq_idx, y, rstd, dt, dA_cumsum, states, CB = (
+            ctx.saved_tensors
+        )
+        chunk_size, ngroups, eps, norm_before_gate = ctx.config
+        z, xbc, dt_raw, x, B, C = _split_conv(k, zxbcdt, conv_w, conv_b, seq_idx, A.shape[0], ngroups)
+        # Gradient buffers laid out as the inputs, so the kernels write every piece in place.
+        dzxbcdt = torch.empty_like(zxbcdt)
+        dz, dxbc_in, ddt_raw = dzxbcdt[None].split([z.shape[-1], xbc.shape[-1], dt_raw.shape[-1]], dim=-1)
+        dxbc = torch.empty_like(xbc)
+        dx, dB, dC = dxbc.split([z.shape[-1], B[0, 0].numel(), C[0, 0].numel()], dim=-1)
+        dx, dB, dC = dx.view_as(x), dB.view_as(B), dC.view_as(C)
+
+        dout = dout.contiguous()
+        dy, dnorm_w, _, _, y_norm = k.norm_bwd(  # y_norm recomputed for out_proj's weight gradient
+            F.linear(dout, outproj_w.t()), y[0].flatten(-2), norm_w, None, eps, None, rstd, z[0],
+            group_size=z.shape[-1] // ngroups, norm_before_gate=norm_before_gate, is_rms_norm=True,
+            recompute_output=True, dz=dz[0],
+        )
+        doutproj_w = dout.t() @ y_norm
+        dy = dy.view_as(y)
+
+        dstates = k.scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=states.dtype)
+        dstates, ddA_chunk_end, _, states_lp = k.passing_bwd(
+            states.flatten(-2), dA_cumsum[..., -1], dstates.flatten(-2), seq_idx=seq_idx, has_initial_states=False,
+            dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size,
+        )
+        dstates, states_lp = dstates.view_as(states), states_lp.view_as(states)
+        _, ddt, dD = k.scan_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
+        dB_local, ddA_next = k.state_bwd_db(x, dt, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups)
+        dC_local, ddA_prev = k.scan_bwd_dC(states_lp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups)
+        dCB = k.scan_bwd_dcb(x, dt, dA_cumsum, dy, seq_idx=seq_idx, ngroups=ngroups).to(CB.dtype)
+        k.bmm_bwd(C, dCB, residual=dB_local, out=dB)
+        k.bmm_bwd(B, dCB.transpose(-1, -2), residual=dC_local, out=dC)
+        ddA_prev[..., -1] += ddA_chunk_end
+        ddA = k.scan_bwd_ddAcs(x, dt, dA_cumsum, dy, CB)
+        ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
+        _, dA, ddt_bias = k.cumsum_bwd(ddA, ddt, dt_raw, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt_raw)
+
+        dxbc_conv, dconv_w, dconv_b, *_ = k.conv_bwd(
+            k.ensure_stride(xbc).transpose(1, 2), conv_w, conv_b, k.ensure_stride(dxbc).transpose(1, 2),
+            seq_idx, None, None, k.ensure_stride(dxbc_in).transpose(1, 2), False, True,
+        )
+        if dxbc_conv.data_ptr() != dxbc_in.data_ptr():  # written elsewhere (a realigned copy): move into place
+            dxbc_in.copy_(dxbc_conv.transpose(1, 2))
+        return dzxbcdt, dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, doutproj_w, None, None, None, None, None
