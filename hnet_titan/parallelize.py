@@ -44,11 +44,21 @@ MESH_DIMS = ("dp_replicate", "dp_shard")
 _RESHARD = {"default": (True, False), "always": (True, True), "never": (False, False)}
 
 
+def configure_cuda_allocator() -> None:
+    """Expandable segments unless the user set PYTORCH_CUDA_ALLOC_CONF; call before the first CUDA allocation.
+
+    Dynamic chunking changes the inner stages' lengths, so every activation's size, each step: fixed-size
+    segments fragment (a 1-GPU hnet_1stage_L run ran out of memory with 4.3 GiB reserved but unusable).
+    """
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
 def init_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
     """(rank, world size, device); joins torchrun's group, or makes a 1-rank group for a plain process.
 
     A 1-rank group lets a single process take the same FSDP path as many (mixed precision included).
     """
+    configure_cuda_allocator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":

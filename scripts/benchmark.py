@@ -66,7 +66,9 @@ from hnet_titan.data import DataError, build_dataloader  # noqa: E402
 from hnet_titan.losses import IGNORE_INDEX, cross_entropy_sum, ratio_loss  # noqa: E402
 from hnet_titan.metrics import ThroughputMeter, device_peak_tflops  # noqa: E402
 from hnet_titan.optim import build_optimizer  # noqa: E402
-from hnet_titan.parallelize import apply_activation_checkpointing, apply_compile, stage_networks  # noqa: E402
+from hnet_titan.parallelize import (  # noqa: E402
+    apply_activation_checkpointing, apply_compile, configure_cuda_allocator, stage_networks,
+)
 
 # Class of a CUDA kernel or CPU operator: the first whose patterns occur in the lower-cased name.
 OP_CLASSES: list[tuple[str, tuple[str, ...]]] = [
@@ -269,6 +271,7 @@ def profile_step(step, device: torch.device, trace: str = "") -> tuple[dict[str,
 
 
 def run(args: argparse.Namespace) -> dict:
+    configure_cuda_allocator()  # as the trainer
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(args.seed)
     ops.configure(**{op: getattr(args, f"backend_{op}") for op in BACKENDS})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import os
 import random
 
 import pytest
@@ -37,6 +38,7 @@ from hnet_titan.parallelize import (
     block_kinds,
     build_mesh,
     build_model,
+    configure_cuda_allocator,
     dp_degrees,
     stage_networks,
 )
@@ -170,6 +172,16 @@ def test_mesh_mismatch_is_one_clear_error(corpus, tmp_path):
 def test_dp_degrees(mode, shard, replicate, world, expected):
     cfg = Parallelism(data_parallel_shard_degree=shard, data_parallel_replicate_degree=replicate, dp_mode=mode)
     assert dp_degrees(cfg, world) == expected
+
+
+@pytest.mark.parametrize("user_value", [None, "max_split_size_mb:256"])
+def test_cuda_allocator_expandable_unless_the_user_chose(monkeypatch, user_value):
+    if user_value is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user_value)
+    configure_cuda_allocator()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (user_value or "expandable_segments:True")
 
 
 @pytest.mark.parametrize(

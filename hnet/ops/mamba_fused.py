@@ -95,8 +95,9 @@ class SplitConvScan(torch.autograd.Function):
         k = _kernels()
         z, _, dt_raw, x, B, C = _split_conv(k, zxbcdt, conv_w, conv_b, seq_idx, A.shape[0], ngroups)
         dA_cumsum, dt = k.cumsum_fwd(dt_raw, A, chunk_size, dt_bias=dt_bias, dt_softplus=True)
-        local = k.state_fwd(B, x, dt, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
-        states, _ = k.passing_fwd(local.flatten(-2), dA_cumsum[..., -1], seq_idx=seq_idx, chunk_size=chunk_size)
+        local = k.state_fwd(B, x, dt, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True).flatten(-2)
+        states, _ = k.passing_fwd(local, dA_cumsum[..., -1], seq_idx=seq_idx, chunk_size=chunk_size)
+        del local  # 0.27 GB at 65,536 positions: gone before the scan allocates
         states = states.unflatten(-1, x.shape[-1:] + B.shape[-1:])  # fp32: the state entering each chunk
         CB = k.bmm_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
         y, _ = k.scan_fwd(CB, x, dt, dA_cumsum, C, states, D=D, seq_idx=seq_idx)  # rounds them to bf16 itself
