@@ -132,7 +132,16 @@ def build_model_config(job: JobConfig) -> HNetConfig:
 class Trainer:
     def __init__(self, job: JobConfig):
         self.job = job
+        owns_group = not dist.is_initialized()
         self.rank, self.world, self.device = init_distributed(job.parallelism.timeout_s)
+        try:
+            self._build(job)
+        except BaseException:
+            if owns_group:  # a setup error leaves no process group behind for the caller's next one
+                dist.destroy_process_group()
+            raise
+
+    def _build(self, job: JobConfig) -> None:
         self.mesh = build_mesh(job.parallelism, self.world, self.device.type)
         self.dp_rank, self.dp_world = dp_rank_and_size(self.mesh)
         if job.fault_tolerance.enable:  # shard the data over every replica group; ft.py positions it

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from hnet import HNetConfig, HNetForCausalLM
 from hnet_titan.config import JobConfig
@@ -163,6 +164,7 @@ def test_explicit_multipliers_must_match_the_stages(tmp_path):
 def test_ratio_targets_must_match_the_model(tmp_path):
     with pytest.raises(ValueError, match="ratio_targets has 1 values but the model has 2 routed stages"):
         Trainer(job(tmp_path, "--model.flavor", "debug_2stage"))
+    assert not dist.is_initialized()  # the failed setup took its process group down with it
 
 
 @pytest.mark.parametrize("name,lr,targets", [
