@@ -203,8 +203,8 @@ class TrainingParts:
 class CheckpointManager:
     """Saves the training state every ``checkpoint.interval`` steps and resumes from the newest save.
 
-    The manager adds the RNG states to ``parts``. Call :meth:`load` before iterating the dataloader, :meth:`save` after every step and
-    :meth:`close` before the process group is destroyed.
+    The manager adds the RNG states to ``parts``. Call :meth:`load` before iterating the dataloader,
+    :meth:`save` after every step and :meth:`close` before the process group is destroyed.
     """
 
     def __init__(

@@ -53,12 +53,16 @@ def configure_cuda_allocator() -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
+def set_tf32(enabled: bool) -> None:
+    """fp32 matmuls (residual_proj; all of an fp32 model) on TF32 tensor cores, or in full fp32 (training.tf32)."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+
+
 def init_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
     """(rank, world size, device); joins torchrun's group, or makes a 1-rank group for a plain process.
 
     A 1-rank group lets a single process take the same FSDP path as many (mixed precision included).
     """
-    configure_cuda_allocator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":

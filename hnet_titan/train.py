@@ -27,7 +27,9 @@ from hnet_titan.losses import bits_per_byte, cross_entropy_sum, ratio_loss
 from hnet_titan.metrics import MetricsLogger, ThroughputMeter, device_peak_tflops
 from hnet_titan.model_io import CheckpointError
 from hnet_titan.optim import build_lr_scheduler, build_optimizer
-from hnet_titan.parallelize import build_mesh, build_model, dp_rank_and_size, init_distributed
+from hnet_titan.parallelize import (
+    build_mesh, build_model, configure_cuda_allocator, dp_rank_and_size, init_distributed, set_tf32,
+)
 
 logger = logging.getLogger("hnet_titan")
 
@@ -132,6 +134,7 @@ def build_model_config(job: JobConfig) -> HNetConfig:
 class Trainer:
     def __init__(self, job: JobConfig):
         self.job = job
+        configure_cuda_allocator()
         owns_group = not dist.is_initialized()
         self.rank, self.world, self.device = init_distributed(job.parallelism.timeout_s)
         try:
@@ -150,7 +153,7 @@ class Trainer:
         torch.manual_seed(job.training.seed)
         if job.training.deterministic:
             torch.use_deterministic_algorithms(True)
-        torch.set_float32_matmul_precision("high" if job.training.tf32 else "highest")
+        set_tf32(job.training.tf32)
         self.model_config = build_model_config(job)
         ops.configure(ssd=job.model.ssd_backend, conv=job.model.conv_backend,
                       attention=job.model.attn_backend, norm=job.model.norm_backend)

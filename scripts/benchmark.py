@@ -67,7 +67,7 @@ from hnet_titan.losses import IGNORE_INDEX, cross_entropy_sum, ratio_loss  # noq
 from hnet_titan.metrics import ThroughputMeter, device_peak_tflops  # noqa: E402
 from hnet_titan.optim import build_optimizer  # noqa: E402
 from hnet_titan.parallelize import (  # noqa: E402
-    apply_activation_checkpointing, apply_compile, configure_cuda_allocator, stage_networks,
+    apply_activation_checkpointing, apply_compile, configure_cuda_allocator, set_tf32, stage_networks,
 )
 
 # Class of a CUDA kernel or CPU operator: the first whose patterns occur in the lower-cased name.
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(args.seed)
     ops.configure(**{op: getattr(args, f"backend_{op}") for op in BACKENDS})
-    torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
+    set_tf32(args.tf32)
     config = HNetConfig.from_flavor(args.flavor)
     routed = config.num_stages - 1
     force = args.force_compression

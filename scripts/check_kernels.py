@@ -41,7 +41,7 @@ from hnet.ops.attention import packed_attention  # noqa: E402
 from hnet.ops.conv import causal_conv1d  # noqa: E402
 from hnet.ops.norm import gated_rms_norm, rms_norm  # noqa: E402
 from hnet.ops.ssd import ssd_scan  # noqa: E402
-from hnet_titan.parallelize import apply_compile  # noqa: E402
+from hnet_titan.parallelize import apply_compile, set_tf32  # noqa: E402
 
 REFERENCE = {"ssd": "torch", "conv": "torch", "attention": "sdpa", "norm": "torch"}
 FAST = {"ssd": "auto", "conv": "auto", "attention": "auto", "norm": "auto"}
@@ -153,7 +153,7 @@ def check_model(flavor: str, docs: int, doc_len: int, tolerance: float, trained:
     for name, model, choice in (("fast", fast_model, FAST), ("ref", ref_model, REFERENCE),
                                 ("ref_bf16", ref_bf16, REFERENCE)):
         ops.configure(**choice)
-        torch.set_float32_matmul_precision("high" if trained and name == "fast" else "highest")
+        set_tf32(trained and name == "fast")
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with forced_boundaries(model, COMPRESSION[flavor]):
@@ -166,7 +166,7 @@ def check_model(flavor: str, docs: int, doc_len: int, tolerance: float, trained:
             "probs": [r.boundary_prob.detach().float() for r in out.router_outputs],
         }
         del out, loss
-    torch.set_float32_matmul_precision("highest")
+    set_tf32(False)
     ref = runs["ref"]
     grad_errs = {n: rel_err(runs["fast"]["grads"][n], g) for n, g in ref["grads"].items()}
     floor_errs = {n: rel_err(runs["ref_bf16"]["grads"][n], g) for n, g in ref["grads"].items()}
