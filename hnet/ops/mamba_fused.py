@@ -2,12 +2,12 @@
 
 mamba_ssm's ``mamba_split_conv1d_scan_combined`` saves only its input and, in the backward, recomputes
 the conv, the dt cumsum, C.B within chunks, the per-chunk states and their passing across chunks. This
-function launches the same mamba_ssm kernels in the same order, but the forward keeps what the SSD
-backward needs (dt after softplus, its cumsum, C.B and the fp32 states entering each chunk: about
-0.35 GB per layer at 65,536 positions, d_inner 2048); only the conv is recomputed (its output would
-cost as much memory again for less time). The scan kernel rounds the fp32 states to bf16 as it loads
-them, as the library's forward rounds them when it stores, so outputs and gradients equal the library's
-up to the order of its atomic adds (tests/test_gpu.py).
+function launches the same mamba_ssm kernels in the same order, but the forward keeps what the
+backward needs (the conv's output, dt after softplus, its cumsum, C.B and the fp32 states entering
+each chunk: about 0.65 GB per layer at 65,536 positions, d_inner 2048), so the backward recomputes
+none of it. The scan kernel rounds the fp32 states to bf16 as it loads them, as the library's forward
+rounds them when it stores, so outputs and gradients equal the library's up to the order of its
+atomic adds (tests/test_gpu.py).
 
 Uses mamba_ssm's internal kernel wrappers (2.x layout); where they are missing, callers fall back to
 the library's public function (``available()``).
@@ -72,15 +72,21 @@ def split_conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, se
     )[0]
 
 
-def _split_conv(k: SimpleNamespace, zxbcdt: torch.Tensor, conv_w, conv_b, seq_idx, nheads: int, ngroups: int):
-    """z, xBC, dt of the (T, .) projection as batch-1 views, and x, B, C after the causal conv + SiLU."""
-    dim = zxbcdt.shape[-1] - conv_w.shape[0] - nheads
-    dstate = (conv_w.shape[0] - dim) // (2 * ngroups)
-    z, xbc, dt_raw = zxbcdt[None].split([dim, conv_w.shape[0], nheads], dim=-1)
-    xbc_conv = k.conv_fwd(k.ensure_stride(xbc).transpose(1, 2), conv_w, conv_b, seq_idx, None, None, True)
-    x, B, C = xbc_conv.transpose(1, 2).split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
-    x, B, C = x.unflatten(-1, (nheads, -1)), B.unflatten(-1, (ngroups, dstate)), C.unflatten(-1, (ngroups, dstate))
-    return z, xbc, dt_raw, x, B, C
+def _split(zxbcdt: torch.Tensor, conv_dim: int, nheads: int):
+    """z, xBC and dt of the (T, .) projection, as batch-1 views."""
+    return zxbcdt[None].split([zxbcdt.shape[-1] - conv_dim - nheads, conv_dim, nheads], dim=-1)
+
+
+def _conv(k: SimpleNamespace, xbc: torch.Tensor, conv_w, conv_b, seq_idx) -> torch.Tensor:
+    """SiLU(causal conv(xBC)), (1, T, conv_dim) with channels innermost, as the SSD kernels read it."""
+    return k.conv_fwd(k.ensure_stride(xbc).transpose(1, 2), conv_w, conv_b, seq_idx, None, None, True).transpose(1, 2)
+
+
+def _heads(xbc_conv: torch.Tensor, dim: int, nheads: int, ngroups: int):
+    """x (1, T, nheads, headdim), B and C (1, T, ngroups, dstate): views of the conv's output."""
+    dstate = (xbc_conv.shape[-1] - dim) // (2 * ngroups)
+    x, B, C = xbc_conv.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
+    return x.unflatten(-1, (nheads, -1)), B.unflatten(-1, (ngroups, dstate)), C.unflatten(-1, (ngroups, dstate))
 
 
 class SplitConvScan(torch.autograd.Function):
@@ -93,7 +99,9 @@ class SplitConvScan(torch.autograd.Function):
     def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, seq_idx,
                 chunk_size: int, ngroups: int, eps: float, norm_before_gate: bool):
         k = _kernels()
-        z, _, dt_raw, x, B, C = _split_conv(k, zxbcdt, conv_w, conv_b, seq_idx, A.shape[0], ngroups)
+        z, xbc, dt_raw = _split(zxbcdt, conv_w.shape[0], A.shape[0])
+        xbc_conv = _conv(k, xbc, conv_w, conv_b, seq_idx)
+        x, B, C = _heads(xbc_conv, z.shape[-1], A.shape[0], ngroups)
         dA_cumsum, dt = k.cumsum_fwd(dt_raw, A, chunk_size, dt_bias=dt_bias, dt_softplus=True)
         local = k.state_fwd(B, x, dt, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True).flatten(-2)
         states, _ = k.passing_fwd(local, dA_cumsum[..., -1], seq_idx=seq_idx, chunk_size=chunk_size)
@@ -106,18 +114,18 @@ class SplitConvScan(torch.autograd.Function):
             norm_before_gate=norm_before_gate, is_rms_norm=True,
         )
         ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, seq_idx,
-                              y, rstd, dt, dA_cumsum, states, CB)
+                              xbc_conv, y, rstd, dt, dA_cumsum, states, CB)
         ctx.config = (chunk_size, ngroups, eps, norm_before_gate)
         return F.linear(y_norm, outproj_w)
 
     @staticmethod
     def backward(ctx, dout):
         k = _kernels()
-        zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, seq_idx, y, rstd, dt, dA_cumsum, states, CB = (
-            ctx.saved_tensors
-        )
+        (zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, seq_idx,
+         xbc_conv, y, rstd, dt, dA_cumsum, states, CB) = ctx.saved_tensors
         chunk_size, ngroups, eps, norm_before_gate = ctx.config
-        z, xbc, dt_raw, x, B, C = _split_conv(k, zxbcdt, conv_w, conv_b, seq_idx, A.shape[0], ngroups)
+        z, xbc, dt_raw = _split(zxbcdt, conv_w.shape[0], A.shape[0])
+        x, B, C = _heads(xbc_conv, z.shape[-1], A.shape[0], ngroups)
         # Gradient buffers laid out as the inputs, so the kernels write every piece in place.
         dzxbcdt = torch.empty_like(zxbcdt)
         dz, dxbc_in, ddt_raw = dzxbcdt[None].split([z.shape[-1], xbc.shape[-1], dt_raw.shape[-1]], dim=-1)
