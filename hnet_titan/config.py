@@ -164,6 +164,11 @@ class ActivationCheckpoint:
     networks: list[Literal["encoder", "main_network", "decoder"]] = field(
         default_factory=lambda: ["encoder", "main_network", "decoder"]
     )
+    # Checkpoint a block's call only when its input is longer than this many times its network's
+    # length at the target compression (loss.ratio_targets, local_batch_size x seq_len bytes); 0 = every
+    # call. Inner lengths follow the router: an untrained one can keep several times its target, so
+    # this spends recompute only on those batches (no recompute at the target, no out-of-memory before).
+    when_longer_than: float = 0.0
 
 
 @dataclass
@@ -238,6 +243,7 @@ _BOUNDS = {
     "parallelism.data_parallel_replicate_degree": ">= 1",
     "parallelism.timeout_s": ">= 1",
     "activation_checkpoint.every_n": ">= 1",
+    "activation_checkpoint.when_longer_than": ">= 0",
     "metrics.log_freq": ">= 1",
     "metrics.peak_tflops": ">= 0",
     "validation.freq": ">= 1",

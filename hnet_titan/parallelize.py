@@ -19,6 +19,7 @@ average gives the global-batch mean exactly once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from datetime import timedelta
@@ -30,6 +31,7 @@ from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 from hnet import HNetConfig
 from hnet.model import HNet, HNetForCausalLM
@@ -142,7 +144,7 @@ def parallelize_model(model: HNetForCausalLM, job: JobConfig, mesh: DeviceMesh) 
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w*(Block|HNet)\) returned a view tensor")
     if job.compile.enable:
         apply_compile(model, dynamic=job.compile.dynamic)
-    checkpointed = apply_activation_checkpointing(model, job.activation_checkpoint)
+    checkpointed = apply_activation_checkpointing(model, job.activation_checkpoint, target_lengths(job))
     t, p = job.training, job.parallelism
     param_dtype, reduce_dtype = DTYPES[t.mixed_precision_param], DTYPES[t.mixed_precision_reduce]
     if p.dp_mode == "ddp":
@@ -170,12 +172,28 @@ def all_blocks(model: HNetForCausalLM) -> list[nn.Module]:
     return [block for stage in model.stages() for net in stage_networks(stage).values() for block in net.layers]
 
 
-def apply_activation_checkpointing(model: HNetForCausalLM, cfg: ActivationCheckpoint) -> int:
+def target_lengths(job: JobConfig) -> list[float]:
+    """Positions entering each stage of a micro-batch at the target compression, outer stage first."""
+    outer = job.training.local_batch_size * job.training.seq_len
+    return [outer / math.prod(job.loss.ratio_targets[:s]) for s in range(len(job.loss.ratio_targets) + 1)]
+
+
+def _checkpoint_longer_than(block: nn.Module, hidden: torch.Tensor, *args, min_positions: float, **kwargs):
+    """Recompute in backward for inputs of more than ``min_positions`` positions; a plain call otherwise."""
+    if hidden.shape[0] > min_positions:
+        return checkpoint(block, hidden, *args, use_reentrant=False, **kwargs)
+    return block(hidden, *args, **kwargs)
+
+
+def apply_activation_checkpointing(
+    model: HNetForCausalLM, cfg: ActivationCheckpoint, target_lengths: list[float] | None = None
+) -> int:
     """Wrap blocks to recompute their activations in backward; returns how many were wrapped.
 
     ``mode`` (or its ``per_stage`` override, outer stage first) applies to the networks named in
     ``networks``; ``every_n`` wraps blocks n-1, 2n-1, ... of each network, trading part of the
-    memory saving for less recompute.
+    memory saving for less recompute. With ``when_longer_than``, a wrapped block recomputes only
+    calls whose input is longer than that many times its stage's entry of ``target_lengths``.
     """
     stages = model.stages()
     if cfg.per_stage and len(cfg.per_stage) != len(stages):
@@ -183,16 +201,29 @@ def apply_activation_checkpointing(model: HNetForCausalLM, cfg: ActivationCheckp
             f"activation_checkpoint.per_stage has {len(cfg.per_stage)} entries but the model has "
             f"{len(stages)} stages; give one mode per stage, outer first, or leave it empty"
         )
+    if cfg.when_longer_than and (target_lengths is None or len(target_lengths) != len(stages)):
+        raise ConfigError(
+            f"activation_checkpoint.when_longer_than needs one target length per stage ({len(stages)}), "
+            f"got {target_lengths}: loss.ratio_targets must give one target per routed stage"
+        )
     wrapped = 0
     for stage in stages:
         mode = cfg.per_stage[stage.stage] if cfg.per_stage else cfg.mode
+        gate = {}
+        if cfg.when_longer_than:
+            gate = {"checkpoint_fn": _checkpoint_longer_than,
+                    "min_positions": cfg.when_longer_than * target_lengths[stage.stage]}
+        before = wrapped
         for name, net in stage_networks(stage).items():
             if mode == "none" or name not in cfg.networks:
                 continue
             for i, block in enumerate(net.layers):
                 if mode == "full" or (i + 1) % cfg.every_n == 0:
-                    net.layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                    net.layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **gate)
                     wrapped += 1
+        if gate and wrapped > before:
+            logger.info("activation checkpointing: stage %d recomputes %d blocks for inputs over %d positions",
+                        stage.stage, wrapped - before, gate["min_positions"])
     return wrapped
 
 

@@ -41,6 +41,7 @@ from hnet_titan.parallelize import (
     configure_cuda_allocator,
     dp_degrees,
     stage_networks,
+    target_lengths,
 )
 
 SEQ_LEN = 128
@@ -260,12 +261,18 @@ class LiveActivations(TorchDispatchMode):
         return sum(live.values())
 
 
-def forward_backward(flavor: str, ac: dict) -> tuple[float, dict[str, torch.Tensor], int]:
-    """Loss, gradients by reference name, and activation bytes alive after forward, for one batch."""
+def forward_backward(flavor: str, ac: dict, target_lengths: list[float] | None = None):
+    """Loss, gradients by reference name, activation bytes alive after forward, block calls per stage
+    (a recomputed block runs twice) and each stage's length, for one batch."""
     torch.manual_seed(0)
     model = HNetForCausalLM(HNetConfig.from_flavor(flavor))
     model.init_weights()
-    apply_activation_checkpointing(model, JobConfig.from_dict({"activation_checkpoint": ac}).activation_checkpoint)
+    calls = [0] * len(model.stages())
+    for stage in model.stages():
+        for block in all_blocks_of(stage):
+            block.register_forward_pre_hook(lambda *_, s=stage.stage: calls.__setitem__(s, calls[s] + 1))
+    ac_cfg = JobConfig.from_dict({"activation_checkpoint": ac}).activation_checkpoint
+    apply_activation_checkpointing(model, ac_cfg, target_lengths)
     ids = torch.randint(0, 256, (513,), generator=torch.Generator().manual_seed(1))
     with LiveActivations() as live:
         out = model(ids[:-1], torch.tensor([0, 100, 300, 512], dtype=torch.int32))
@@ -273,19 +280,49 @@ def forward_backward(flavor: str, ac: dict) -> tuple[float, dict[str, torch.Tens
     kept = live.live_bytes()
     loss.backward()
     grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()}
-    return loss.item(), grads, kept
+    return loss.item(), grads, kept, calls, [seq.total for seq in out.stage_seqs]
+
+
+def all_blocks_of(stage) -> list[Block]:
+    return [block for net in stage_networks(stage).values() for block in net.layers]
 
 
 @pytest.mark.parametrize("flavor", ["debug", "debug_2stage"])
 @pytest.mark.parametrize("mode, max_kept", [("full", 0.35), ("every_n", 0.8)])
 def test_activation_checkpointing_same_gradients_less_memory(flavor, mode, max_kept):
-    loss, grads, kept = forward_backward(flavor, {"mode": "none"})
-    ac_loss, ac_grads, ac_kept = forward_backward(flavor, {"mode": mode, "every_n": 2})
+    loss, grads, kept, _, _ = forward_backward(flavor, {"mode": "none"})
+    ac_loss, ac_grads, ac_kept, _, _ = forward_backward(flavor, {"mode": mode, "every_n": 2})
     assert ac_loss == loss
     assert ac_grads.keys() == grads.keys()
     for name, grad in grads.items():
         assert torch.equal(ac_grads[name], grad), name
     assert ac_kept < max_kept * kept, (ac_kept, kept)
+
+
+def test_activation_checkpointing_only_for_inputs_longer_than_their_target():
+    """when_longer_than: a block recomputes only calls longer than that factor x its stage's target length."""
+    loss, grads, kept, calls, lengths = forward_backward("debug", {"mode": "none"})
+    assert lengths[0] == 512 and 1 < lengths[1] < 512
+    ac = {"mode": "full", "when_longer_than": 2.0}
+    # At their targets (within the factor): nothing is recomputed, nothing saved.
+    at_loss, at_grads, at_kept, at_calls, _ = forward_backward("debug", ac, [512, lengths[1] / 1.9])
+    assert (at_loss, at_calls, at_kept) == (loss, calls, kept)
+    # The inner stage keeps 4x its target: its blocks recompute, the outer stage's still do not.
+    long_loss, long_grads, long_kept, long_calls, _ = forward_backward("debug", ac, [512, lengths[1] / 4])
+    assert long_loss == loss and long_calls == [calls[0], 2 * calls[1]]
+    assert long_kept < kept
+    for name, grad in grads.items():
+        assert torch.equal(at_grads[name], grad) and torch.equal(long_grads[name], grad), name
+
+
+def test_activation_checkpointing_target_lengths_follow_the_ratio_targets():
+    job = JobConfig.from_dict({"training": {"local_batch_size": 8, "seq_len": 8192}, "loss": {"ratio_targets": [3, 3]}})
+    assert target_lengths(job) == pytest.approx([65536, 65536 / 3, 65536 / 9])
+    with torch.device("meta"):
+        model = HNetForCausalLM(HNetConfig.from_flavor("debug_2stage"))
+    cfg = JobConfig.from_dict({"activation_checkpoint": {"mode": "full", "when_longer_than": 2}}).activation_checkpoint
+    with pytest.raises(ConfigError, match="when_longer_than needs one target length per stage"):
+        apply_activation_checkpointing(model, cfg, [65536, 65536 / 6])
 
 
 def test_activation_checkpointing_per_stage_and_network():
