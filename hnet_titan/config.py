@@ -344,6 +344,12 @@ class JobConfig:
                 "optimizer.lr_multipliers must be 'auto' or a non-empty list of positive floats, "
                 f"got {mults!r}"
             )
+        if self.model.attn_backend == "flex" and self.compile.enable:
+            raise ConfigError(
+                "model.attn_backend 'flex' cannot run inside compiled blocks: with lengths that change every "
+                "batch Inductor fails on the block mask's symbolic size (torch 2.11, docs/performance.md change "
+                "10); use attn_backend 'auto' or 'varlen', or set compile.enable false"
+            )
         targets = self.loss.ratio_targets
         if not targets or any(not n >= 1 for n in targets):
             raise ConfigError(f"loss.ratio_targets must be a non-empty list of values >= 1, got {targets!r}")

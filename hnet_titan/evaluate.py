@@ -30,6 +30,7 @@ from hnet_titan.config import DTYPES
 from hnet_titan.data import IGNORE_INDEX, DataError, build_dataloader
 from hnet_titan.losses import bits_per_byte
 from hnet_titan.model_io import CheckpointError, load_model
+from hnet_titan.parallelize import configure_cuda_allocator
 
 # Counters summed over batches and ranks; then (positions, boundaries) per routed stage. Predicted bytes
 # are the real bytes: every real input byte has a label, padding has none.
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
+    configure_cuda_allocator()  # batches' chunk lengths differ, as in training
     rank, world, device = _init_distributed(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     try:

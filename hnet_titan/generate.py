@@ -24,6 +24,7 @@ from hnet.generation import SamplingConfig, stream
 from hnet.tokenizer import BOS, EOS
 from hnet_titan.config import DTYPES
 from hnet_titan.model_io import CheckpointError, load_model
+from hnet_titan.parallelize import configure_cuda_allocator
 
 
 def run(model: HNetForCausalLM, prompts: list[str], sampling: SamplingConfig, out: TextIO) -> list[bytes]:
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling = SamplingConfig(args.max_new_bytes, args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as e:
         parser.error(str(e))
+    configure_cuda_allocator()  # the caches and chunk lengths grow byte by byte
     try:
         if args.random_init:
             torch.manual_seed(args.seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -164,7 +165,8 @@ def test_hub_name_without_huggingface_hub():
         resolve_checkpoint("cartesia-ai/hnet_2stage_L")
 
 
-def test_evaluate_matches_direct_forward(tmp_path):
+def test_evaluate_matches_direct_forward(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(5):
@@ -175,6 +177,7 @@ def test_evaluate_matches_direct_forward(tmp_path):
     argv = ["--checkpoint", str(tmp_path / "run"), "--sources", str(corpus), "--seq-len", "96", "--batch-size", "2",
             "--device", "cpu", "--top-k", "3", "--output", str(results_path), "--quiet"]
     assert evaluate.main(argv) == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"  # as the trainer
     results = json.loads(results_path.read_text())
 
     nll, count, correct = 0.0, 0, 0

@@ -128,3 +128,12 @@ def test_generate_cli_random_init():
     assert result.returncode == 0, result.stderr.decode()
     text = result.stdout.decode("utf-8")
     assert text.startswith("Hi") and len(text.rstrip("\n")) > len("Hi")
+
+
+def test_generate_cli_sets_expandable_segments_as_the_trainer(monkeypatch, capsys):
+    from hnet_titan import generate as cli
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert cli.main(["--flavor", "debug", "--random-init", "--prompt", "Hi", "--max-new-bytes", "2", "--device", "cpu"]) == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert capsys.readouterr().out.startswith("Hi")

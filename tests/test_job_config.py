@@ -227,6 +227,8 @@ def test_malformed_toml_names_the_file(tmp_path):
         (["--lr_scheduler.warmup_steps", "201"], "lr_scheduler.warmup_steps (201) exceeds training.steps (200)"),
         (["--optimizer.lr_multipliers", "2,0"], "optimizer.lr_multipliers must be 'auto' or a non-empty list"),
         (["--optimizer.lr_multipliers", ""], "optimizer.lr_multipliers must be 'auto' or a non-empty list"),
+        (["--model.attn_backend", "flex", "--compile.enable"], "model.attn_backend 'flex' cannot run inside compiled"),
+        (["--activation_checkpoint.when_longer_than", "-1"], "activation_checkpoint.when_longer_than must be >= 0"),
         (["--loss.ratio_targets", "6,0.5"], "loss.ratio_targets must be a non-empty list of values >= 1"),
         (["--loss.ratio_targets", ""], "loss.ratio_targets must be a non-empty list of values >= 1"),
         (
