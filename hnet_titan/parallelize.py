@@ -168,8 +168,12 @@ def stage_networks(stage: HNet) -> dict[str, Isotropic]:
     return {"encoder": stage.encoder, "decoder": stage.decoder}
 
 
+def stage_blocks(stage: HNet) -> list[nn.Module]:
+    return [block for net in stage_networks(stage).values() for block in net.layers]
+
+
 def all_blocks(model: HNetForCausalLM) -> list[nn.Module]:
-    return [block for stage in model.stages() for net in stage_networks(stage).values() for block in net.layers]
+    return [block for stage in model.stages() for block in stage_blocks(stage)]
 
 
 def target_lengths(job: JobConfig) -> list[float]:
@@ -186,14 +190,15 @@ def _checkpoint_longer_than(block: nn.Module, hidden: torch.Tensor, *args, min_p
 
 
 def apply_activation_checkpointing(
-    model: HNetForCausalLM, cfg: ActivationCheckpoint, target_lengths: list[float] | None = None
+    model: HNetForCausalLM, cfg: ActivationCheckpoint, stage_lengths: list[float] | None = None
 ) -> int:
     """Wrap blocks to recompute their activations in backward; returns how many were wrapped.
 
     ``mode`` (or its ``per_stage`` override, outer stage first) applies to the networks named in
     ``networks``; ``every_n`` wraps blocks n-1, 2n-1, ... of each network, trading part of the
     memory saving for less recompute. With ``when_longer_than``, a wrapped block recomputes only
-    calls whose input is longer than that many times its stage's entry of ``target_lengths``.
+    calls whose input is longer than that many times its stage's entry of ``stage_lengths``
+    (``target_lengths``).
     """
     stages = model.stages()
     if cfg.per_stage and len(cfg.per_stage) != len(stages):
@@ -201,10 +206,10 @@ def apply_activation_checkpointing(
             f"activation_checkpoint.per_stage has {len(cfg.per_stage)} entries but the model has "
             f"{len(stages)} stages; give one mode per stage, outer first, or leave it empty"
         )
-    if cfg.when_longer_than and (target_lengths is None or len(target_lengths) != len(stages)):
+    if cfg.when_longer_than and (stage_lengths is None or len(stage_lengths) != len(stages)):
         raise ConfigError(
             f"activation_checkpoint.when_longer_than needs one target length per stage ({len(stages)}), "
-            f"got {target_lengths}: loss.ratio_targets must give one target per routed stage"
+            f"got {stage_lengths}: loss.ratio_targets must give one target per routed stage"
         )
     wrapped = 0
     for stage in stages:
@@ -212,7 +217,7 @@ def apply_activation_checkpointing(
         gate = {}
         if cfg.when_longer_than:
             gate = {"checkpoint_fn": _checkpoint_longer_than,
-                    "min_positions": cfg.when_longer_than * target_lengths[stage.stage]}
+                    "min_positions": cfg.when_longer_than * stage_lengths[stage.stage]}
         before = wrapped
         for name, net in stage_networks(stage).items():
             if mode == "none" or name not in cfg.networks:

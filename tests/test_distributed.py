@@ -40,6 +40,7 @@ from hnet_titan.parallelize import (
     build_model,
     configure_cuda_allocator,
     dp_degrees,
+    stage_blocks,
     stage_networks,
     target_lengths,
 )
@@ -261,7 +262,7 @@ class LiveActivations(TorchDispatchMode):
         return sum(live.values())
 
 
-def forward_backward(flavor: str, ac: dict, target_lengths: list[float] | None = None):
+def forward_backward(flavor: str, ac: dict, stage_lengths: list[float] | None = None):
     """Loss, gradients by reference name, activation bytes alive after forward, block calls per stage
     (a recomputed block runs twice) and each stage's length, for one batch."""
     torch.manual_seed(0)
@@ -269,10 +270,10 @@ def forward_backward(flavor: str, ac: dict, target_lengths: list[float] | None =
     model.init_weights()
     calls = [0] * len(model.stages())
     for stage in model.stages():
-        for block in all_blocks_of(stage):
+        for block in stage_blocks(stage):
             block.register_forward_pre_hook(lambda *_, s=stage.stage: calls.__setitem__(s, calls[s] + 1))
     ac_cfg = JobConfig.from_dict({"activation_checkpoint": ac}).activation_checkpoint
-    apply_activation_checkpointing(model, ac_cfg, target_lengths)
+    apply_activation_checkpointing(model, ac_cfg, stage_lengths)
     ids = torch.randint(0, 256, (513,), generator=torch.Generator().manual_seed(1))
     with LiveActivations() as live:
         out = model(ids[:-1], torch.tensor([0, 100, 300, 512], dtype=torch.int32))
@@ -281,10 +282,6 @@ def forward_backward(flavor: str, ac: dict, target_lengths: list[float] | None =
     loss.backward()
     grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()}
     return loss.item(), grads, kept, calls, [seq.total for seq in out.stage_seqs]
-
-
-def all_blocks_of(stage) -> list[Block]:
-    return [block for net in stage_networks(stage).values() for block in net.layers]
 
 
 @pytest.mark.parametrize("flavor", ["debug", "debug_2stage"])
