@@ -41,7 +41,8 @@ def test_model_fast_path_matches_reference(check_kernels, flavor, trained):
     assert (b["ssd"], b["conv"], b["norm"]) == ("triton", "cuda", "triton") and b["attention"] in ("varlen", "flash_attn")
 
 
-def test_split_conv_scan_keeping_states_matches_mamba_ssm():
+@pytest.mark.parametrize("ngroups", [1, 2])  # 1: kernels launched heads first; 2: in the library's order
+def test_split_conv_scan_keeping_states_matches_mamba_ssm(ngroups):
     """hnet.ops.mamba_fused (chunk states saved) == mamba_ssm's split-conv-scan (recomputed), forward and backward."""
     from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
 
@@ -50,7 +51,7 @@ def test_split_conv_scan_keeping_states_matches_mamba_ssm():
     assert mamba_fused.available()
     torch.manual_seed(0)
     dev, bf16 = torch.device("cuda"), torch.bfloat16
-    T, d, nheads, headdim, ngroups, dstate, chunk = 3000, 256, 8, 64, 1, 128, 256  # T not a multiple of chunk
+    T, d, nheads, headdim, dstate, chunk = 3000, 256, 8, 64, 128, 256  # T not a multiple of chunk
     dim, conv_dim = nheads * headdim, nheads * headdim + 2 * ngroups * dstate
     params = {
         "zxbcdt": torch.randn(T, dim + conv_dim + nheads, device=dev, dtype=bf16),
