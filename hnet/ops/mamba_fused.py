@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from types import SimpleNamespace
 
 import torch
@@ -53,7 +54,7 @@ def _kernels() -> SimpleNamespace:
 
     return SimpleNamespace(
         conv_fwd=causal_conv1d_fwd_function, conv_bwd=causal_conv1d_bwd_function, ensure_stride=ensure_stride,
-        norm_fwd=layernorm_gated._layer_norm_fwd, norm_bwd=layernorm_gated._layer_norm_bwd,
+        norm_fwd=layernorm_gated._layer_norm_fwd, norm_bwd_kernel=layernorm_gated._layer_norm_bwd_kernel,
         bmm_fwd=ssd_bmm._bmm_chunk_fwd, bmm_bwd=ssd_bmm._bmm_chunk_bwd,
         cumsum_fwd=ssd_chunk_state._chunk_cumsum_fwd, cumsum_bwd=ssd_chunk_state._chunk_cumsum_bwd,
         state_fwd=ssd_chunk_state._chunk_state_fwd, state_bwd_db=ssd_chunk_state._chunk_state_bwd_db,
@@ -104,6 +105,33 @@ class _HeadsFirst:
     def shared(self, t: torch.Tensor) -> torch.Tensor:
         """The same for every head (C, B, C.B, seq_idx): repeated over the batch with stride 0."""
         return t.expand(self.nheads, *t.shape[1:]) if self.on else t
+
+
+def _gated_norm_bwd(k: SimpleNamespace, dy, y, weight, eps: float, rstd, z, dz, *, group_size: int,
+                    norm_before_gate: bool):
+    """mamba_ssm's gated RMSNorm backward, launched with twice the library's programs.
+
+    Each program walks its rows one at a time and keeps a partial weight gradient. The library starts
+    one program of 8 warps per SM, half of what the kernel's registers allow, and each row waits on
+    memory: 0.82 ms at 65,536 x 2,048 on an H100, 0.64 ms with two per SM (docs/performance.md,
+    change 23).
+    Returns the input gradient, the weight gradient and the recomputed output; dz is written in place.
+    """
+    M, N = y.shape
+    ngroups = N // group_size
+    block = 1 << (group_size - 1).bit_length()  # next power of two
+    warps = min(max(block // 256, 1), 8)  # the library's choice
+    sms = torch.cuda.get_device_properties(y.device).multi_processor_count
+    programs = 2 * math.ceil(sms * math.ceil(4 / warps) / ngroups)
+    dx, out = torch.empty_like(y), torch.empty_like(y)
+    dw = torch.empty(programs, N, device=y.device, dtype=torch.float32)  # per-program partial sums
+    k.norm_bwd_kernel[(programs, ngroups)](
+        y, weight, None, z, out, dy, dx, dw, None, dz, None, rstd,
+        y.stride(0), z.stride(0), out.stride(0), dy.stride(0), dx.stride(0), dz.stride(0), dw.stride(0), 0,
+        M, group_size, eps, math.ceil(M / programs),
+        BLOCK_N=block, NORM_BEFORE_GATE=norm_before_gate, IS_RMS_NORM=True, num_warps=warps,
+    )
+    return dx, dw.sum(0).to(weight.dtype), out
 
 
 def _split(zxbcdt: torch.Tensor, conv_dim: int, nheads: int):
@@ -172,10 +200,9 @@ class SplitConvScan(torch.autograd.Function):
         dx, dB, dC = dx.view_as(x), dB.view_as(B), dC.view_as(C)
 
         dout = dout.contiguous()
-        dy, dnorm_w, _, _, y_norm = k.norm_bwd(  # y_norm recomputed for out_proj's weight gradient
-            F.linear(dout, outproj_w.t()), y[0].flatten(-2), norm_w, None, eps, None, rstd, z[0],
-            group_size=z.shape[-1] // ngroups, norm_before_gate=norm_before_gate, is_rms_norm=True,
-            recompute_output=True, dz=dz[0],
+        dy, dnorm_w, y_norm = _gated_norm_bwd(  # y_norm recomputed for out_proj's weight gradient
+            k, F.linear(dout, outproj_w.t()), y[0].flatten(-2), norm_w, eps, rstd, z[0], dz[0],
+            group_size=z.shape[-1] // ngroups, norm_before_gate=norm_before_gate,
         )
         doutproj_w = dout.t() @ y_norm
         dy = dy.view_as(y)
