@@ -39,7 +39,8 @@ JSON report (--out): flavor, device, dtype, rows, seq_len, data, compile, tf32, 
 (dynamo frames compiled in the warm-up and during the timed steps: recompiles show there), ac, force_compression,
 warmup_steps, timed_steps, backends {op: backend}, bytes_per_sec, tflops, mfu_pct (null without a known
 peak), peak_tflops, flops_per_byte, bytes_per_chunk [per routed stage], memory {mem_active_gib,
-mem_reserved_gib, alloc_retries} (empty on CPU), step_ms {forward, backward, optimizer, total}, time_ms
+mem_reserved_gib, alloc_retries} (empty on CPU), step_ms {forward, backward, optimizer, total} (means),
+step_total_ms [each timed step, in order: one slow step shows apart from the host-bound scatter], time_ms
 {part: {forward, backward}}, op_class_ms {class: ms}, top_kernels_ms [[kernel, ms]] (the profiled step's 15
 costliest kernels).
 """
@@ -317,6 +318,7 @@ def run(args: argparse.Namespace) -> dict:
         frames_timed = compiled_frames() - frames_warmup
         timer.remove()
         step_ms, time_ms = timer.summary()
+        step_total_ms = [t.ms("step.begin", "step.end") for t in timer.steps]
         op_class_ms, top_kernels = profile_step(
             lambda: step(to_device(batches[-1], device), timeline=StepTimeline(device.type == "cuda")), device,
             args.trace,
@@ -335,7 +337,8 @@ def run(args: argparse.Namespace) -> dict:
         "mfu_pct": throughput.get("mfu_pct"), "peak_tflops": peak,
         "flops_per_byte": throughput["tflops"] * 1e12 / throughput["bytes_per_sec"],
         "bytes_per_chunk": [outer / inner for outer, inner in zip(totals, totals[1:])],
-        "memory": memory, "step_ms": step_ms, "time_ms": time_ms, "op_class_ms": op_class_ms,
+        "memory": memory, "step_ms": step_ms, "step_total_ms": step_total_ms, "time_ms": time_ms,
+        "op_class_ms": op_class_ms,
         "top_kernels_ms": top_kernels,
     }
 
@@ -366,7 +369,7 @@ def format_report(r: dict) -> str:
     s = r["step_ms"]
     lines += [
         f"step {s['total']:.1f} ms = forward {s['forward']:.1f} + backward {s['backward']:.1f} "
-        f"+ optimizer {s['optimizer']:.1f}",
+        f"+ optimizer {s['optimizer']:.1f}; each step: " + " ".join(f"{ms:.1f}" for ms in r["step_total_ms"]),
         "",
         f"{'part':<32}{'forward ms':>12}{'backward ms':>13}",
     ]

@@ -35,7 +35,8 @@ TRAIN_KEYS_CPU = {
 BENCHMARK_KEYS = {
     "flavor", "device", "dtype", "rows", "seq_len", "data", "compile", "tf32", "ac", "force_compression", "warmup_steps",
     "timed_steps", "backends", "bytes_per_sec", "tflops", "mfu_pct", "peak_tflops", "flops_per_byte",
-    "bytes_per_chunk", "memory", "step_ms", "time_ms", "op_class_ms", "top_kernels_ms", "compiled_frames",
+    "bytes_per_chunk", "memory", "step_ms", "step_total_ms", "time_ms", "op_class_ms", "top_kernels_ms",
+    "compiled_frames",
 }
 
 
@@ -153,7 +154,7 @@ def test_benchmark_cpu_smoke(tmp_path: Path) -> None:
     report_path = tmp_path / "bench.json"
     cmd = [
         sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--flavor", "debug", "--rows", "2", "--seq-len", "64",
-        "--warmup", "1", "--steps", "1", "--dtype", "fp32", "--force-compression", "4", "--out", str(report_path),
+        "--warmup", "1", "--steps", "2", "--dtype", "fp32", "--force-compression", "4", "--out", str(report_path),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -168,6 +169,8 @@ def test_benchmark_cpu_smoke(tmp_path: Path) -> None:
         "head",
     }
     assert set(report["step_ms"]) == {"forward", "backward", "optimizer", "total"}
+    each = report["step_total_ms"]  # every timed step, and their mean is the reported step
+    assert len(each) == 2 and min(each) > 0 and abs(sum(each) / 2 - report["step_ms"]["total"]) < 1e-6
     assert report["op_class_ms"] and set(report["op_class_ms"]) <= {
         "gemm", "ssd", "conv", "attention", "norm", "elementwise", "other",
     }
