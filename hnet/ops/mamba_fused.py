@@ -14,8 +14,8 @@ before any chunk of head 1, and C, B and C.B, which all heads of a chunk share, 
 the next head reads them (Nsight Compute: 2-3x the DRAM traffic the kernels need at 65,536 positions).
 With one group, the kernels that index nothing else by head are given the heads as their batch and a
 single head (views, no copies): the heads of a chunk then run back to back. Same kernels and arithmetic,
-bitwise-equal results, 15% less time for those kernels (docs/performance.md, change 22). The chunk scan
-and its dx backward keep the library's order: they read the skip term D by head.
+bitwise-equal results, 13% less time for those three kernels (docs/performance.md, change 22). The
+chunk scan and its dx backward keep the library's order: they read the skip term D by head.
 
 Uses mamba_ssm's internal kernel wrappers (2.x layout); where they are missing, callers fall back to
 the library's public function (``available()``).
@@ -125,12 +125,13 @@ def _gated_norm_bwd(k: SimpleNamespace, dy, y, weight, eps: float, rstd, z, dz, 
     programs = 2 * math.ceil(sms * math.ceil(4 / warps) / ngroups)
     dx, out = torch.empty_like(y), torch.empty_like(y)
     dw = torch.empty(programs, N, device=y.device, dtype=torch.float32)  # per-program partial sums
-    k.norm_bwd_kernel[(programs, ngroups)](
-        y, weight, None, z, out, dy, dx, dw, None, dz, None, rstd,
-        y.stride(0), z.stride(0), out.stride(0), dy.stride(0), dx.stride(0), dz.stride(0), dw.stride(0), 0,
-        M, group_size, eps, math.ceil(M / programs),
-        BLOCK_N=block, NORM_BEFORE_GATE=norm_before_gate, IS_RMS_NORM=True, num_warps=warps,
-    )
+    with torch.cuda.device(y.device):  # Triton launches on the current device
+        k.norm_bwd_kernel[(programs, ngroups)](
+            y, weight, None, z, out, dy, dx, dw, None, dz, None, rstd,
+            y.stride(0), z.stride(0), out.stride(0), dy.stride(0), dx.stride(0), dz.stride(0), dw.stride(0), 0,
+            M, group_size, eps, math.ceil(M / programs),
+            BLOCK_N=block, NORM_BEFORE_GATE=norm_before_gate, IS_RMS_NORM=True, num_warps=warps,
+        )
     return dx, dw.sum(0).to(weight.dtype), out
 
 
@@ -166,7 +167,8 @@ class SplitConvScan(torch.autograd.Function):
         x, B, C = _heads(xbc_conv, z.shape[-1], A.shape[0], ngroups)
         dA_cumsum, dt = k.cumsum_fwd(dt_raw, A, chunk_size, dt_bias=dt_bias, dt_softplus=True)
         h = _HeadsFirst(A.shape[0], on=ngroups == 1)
-        local = x.new_empty(1, dA_cumsum.shape[2], *x.shape[2:], B.shape[-1], dtype=torch.float32)  # (1, chunks, H, P, N)
+        # fp32 (1, nchunks, H, P, N): what each chunk adds to the state
+        local = x.new_empty(1, dA_cumsum.shape[2], *x.shape[2:], B.shape[-1], dtype=torch.float32)
         k.state_fwd(h.shared(B), h.seq(x), h.chunk(dt), h.chunk(dA_cumsum), seq_idx=h.shared(seq_idx),
                     states=h.seq(local))
         local = local.flatten(-2)
