@@ -1,6 +1,9 @@
 """hnet.ops reference kernels against plain, obviously-correct loops, and backend selection."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -165,6 +168,33 @@ def test_causal_conv_matches_per_document_conv(activation):
     torch.testing.assert_close(out, torch.cat(pieces), rtol=1e-5, atol=1e-5)
     if activation == "silu":
         assert torch.equal(causal_conv1d(x, weight, bias, seq_idx(lengths)), out)
+
+
+_CONV_BWD_CHECK = """
+import torch
+from hnet.ops import conv_triton
+from hnet.ops.conv import causal_conv1d_reference
+conv_triton.ROWS, conv_triton.BLOCK_C = 8, 16  # several row runs and channel blocks, a partial last one of each
+lengths = [5, 1, 20, 2, 9, 3]  # documents shorter than the width, and runs that start mid-document
+seq = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))
+g = torch.Generator().manual_seed(0)
+T, C = sum(lengths), 24
+x = torch.randn(T, C + 7, generator=g)[:, 3 : 3 + C]  # rows strided, as in in_proj's output
+weight, bias, dy = torch.randn(C, 4, generator=g), torch.randn(C, generator=g), torch.randn(T, C, generator=g)
+leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+expected = torch.autograd.grad(causal_conv1d_reference(*leaves, seq), leaves, dy)
+dx = torch.full((T, C + 5), float("nan"))[:, 5:]  # written in place, every element
+for ours, ref in zip(conv_triton.causal_conv1d_silu_bwd(x, weight, bias, dy, seq, dx=dx), expected):
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+"""
+
+
+def test_conv_backward_kernel_matches_reference():
+    """hnet.ops.conv_triton (the CUDA path's conv backward) in Triton's interpreter, against autograd."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is decorated: a fresh process
+    done = subprocess.run([sys.executable, "-c", _CONV_BWD_CHECK], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # ---- packed attention ----------------------------------------------------------------------------

@@ -17,6 +17,9 @@ single head (views, no copies): the heads of a chunk then run back to back. Same
 bitwise-equal results, 13% less time for those three kernels (docs/performance.md, change 22). The
 chunk scan and its dx backward keep the library's order: they read the skip term D by head.
 
+The conv's backward is ours (``hnet.ops.conv_triton``): causal_conv1d's runs at a third of the memory
+bandwidth (change 26).
+
 Uses mamba_ssm's internal kernel wrappers (2.x layout); where they are missing, callers fall back to
 the library's public function (``available()``).
 """
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger("hnet.ops")
+CONV_WIDTH = 4  # hnet.ops.conv_triton's, and every released H-Net's
 
 
 @functools.cache
@@ -48,12 +52,14 @@ def available() -> bool:
 
 @functools.cache
 def _kernels() -> SimpleNamespace:
-    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
+    from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
+
+    from hnet.ops.conv_triton import causal_conv1d_silu_bwd
     from mamba_ssm.ops.triton import layernorm_gated, ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing
     from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx, ensure_stride
 
     return SimpleNamespace(
-        conv_fwd=causal_conv1d_fwd_function, conv_bwd=causal_conv1d_bwd_function, ensure_stride=ensure_stride,
+        conv_fwd=causal_conv1d_fwd_function, conv_bwd=causal_conv1d_silu_bwd, ensure_stride=ensure_stride,
         norm_fwd=layernorm_gated._layer_norm_fwd, norm_bwd_kernel=layernorm_gated._layer_norm_bwd_kernel,
         bmm_fwd=ssd_bmm._bmm_chunk_fwd, bmm_bwd=ssd_bmm._bmm_chunk_bwd,
         cumsum_fwd=ssd_chunk_state._chunk_cumsum_fwd, cumsum_bwd=ssd_chunk_state._chunk_cumsum_bwd,
@@ -67,8 +73,9 @@ def _kernels() -> SimpleNamespace:
 
 def split_conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, seq_idx, *,
                     chunk_size: int, ngroups: int, eps: float, norm_before_gate: bool) -> torch.Tensor:
-    """(T, d_inner + conv_dim + nheads) -> (T, d): this module's function, or the library's where it cannot run."""
-    if available():
+    """(T, d_inner + conv_dim + nheads) -> (T, d): this module's function, or the library's where it cannot run
+    (mamba_ssm's internals missing, or a conv width other than the 4 our conv backward is written for)."""
+    if available() and conv_w.shape[1] == CONV_WIDTH:
         return SplitConvScan.apply(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, seq_idx[None],
                                    chunk_size, ngroups, eps, norm_before_gate)
     from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
@@ -228,10 +235,5 @@ class SplitConvScan(torch.autograd.Function):
         ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
         _, dA, ddt_bias = k.cumsum_bwd(ddA, ddt, dt_raw, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt_raw)
 
-        dxbc_conv, dconv_w, dconv_b, *_ = k.conv_bwd(
-            k.ensure_stride(xbc).transpose(1, 2), conv_w, conv_b, k.ensure_stride(dxbc).transpose(1, 2),
-            seq_idx, None, None, k.ensure_stride(dxbc_in).transpose(1, 2), False, True,
-        )
-        if dxbc_conv.data_ptr() != dxbc_in.data_ptr():  # written elsewhere (a realigned copy): move into place
-            dxbc_in.copy_(dxbc_conv.transpose(1, 2))
+        _, dconv_w, dconv_b = k.conv_bwd(xbc[0], conv_w, conv_b, dxbc[0], seq_idx[0], dx=dxbc_in[0])
         return dzxbcdt, dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, doutproj_w, None, None, None, None, None
