@@ -106,7 +106,6 @@ def causal_conv1d_silu_bwd(
     """
     T, C = x.shape
     assert weight.shape == (C, WIDTH) and x.stride(1) == dy.stride(1) == weight.stride(1) == 1
-
     dx = torch.empty_like(x) if dx is None else dx
     programs = triton.cdiv(T, ROWS)
     dw = torch.empty(programs, WIDTH, C, device=x.device, dtype=torch.float32)

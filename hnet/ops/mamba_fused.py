@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger("hnet.ops")
-CONV_WIDTH = 4  # hnet.ops.conv_triton's, and every released H-Net's
 
 
 @functools.cache
@@ -54,12 +53,13 @@ def available() -> bool:
 def _kernels() -> SimpleNamespace:
     from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
 
-    from hnet.ops.conv_triton import causal_conv1d_silu_bwd
+    from hnet.ops import conv_triton
     from mamba_ssm.ops.triton import layernorm_gated, ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing
     from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx, ensure_stride
 
     return SimpleNamespace(
-        conv_fwd=causal_conv1d_fwd_function, conv_bwd=causal_conv1d_silu_bwd, ensure_stride=ensure_stride,
+        conv_fwd=causal_conv1d_fwd_function, conv_bwd=conv_triton.causal_conv1d_silu_bwd, conv_width=conv_triton.WIDTH,
+        ensure_stride=ensure_stride,
         norm_fwd=layernorm_gated._layer_norm_fwd, norm_bwd_kernel=layernorm_gated._layer_norm_bwd_kernel,
         bmm_fwd=ssd_bmm._bmm_chunk_fwd, bmm_bwd=ssd_bmm._bmm_chunk_bwd,
         cumsum_fwd=ssd_chunk_state._chunk_cumsum_fwd, cumsum_bwd=ssd_chunk_state._chunk_cumsum_bwd,
@@ -75,7 +75,7 @@ def split_conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, se
                     chunk_size: int, ngroups: int, eps: float, norm_before_gate: bool) -> torch.Tensor:
     """(T, d_inner + conv_dim + nheads) -> (T, d): this module's function, or the library's where it cannot run
     (mamba_ssm's internals missing, or a conv width other than the 4 our conv backward is written for)."""
-    if available() and conv_w.shape[1] == CONV_WIDTH:
+    if available() and conv_w.shape[1] == _kernels().conv_width:
         return SplitConvScan.apply(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, seq_idx[None],
                                    chunk_size, ngroups, eps, norm_before_gate)
     from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
