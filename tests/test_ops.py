@@ -197,6 +197,97 @@ def test_conv_backward_kernel_matches_reference():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+_SSD_KERNELS_CHECK = """
+import torch
+import triton.runtime.interpreter as interpreter
+
+# Triton 3.6's interpreter turns loop bounds that depend on a program id (1-element arrays) into ints with
+# int(array), which NumPy 2.4 refuses; .item() is what it means.
+_patch = interpreter._patch_lang_tensor
+def _patch_index(tensor, scope):
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+interpreter._patch_lang_tensor = _patch_index
+
+from hnet.ops import ssd_triton
+from hnet.ops.ssd import ssd_scan_reference
+
+H, G, P, N = 4, 2, 16, 16
+
+
+def case(lengths, Q, seed, D):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    nc = -(-T // Q)
+    seq = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))
+    x, dy = torch.randn(T, H, P, generator=g), torch.randn(T, H, P, generator=g)
+    B, C = torch.randn(T, G, N, generator=g) * 0.5, torch.randn(T, G, N, generator=g) * 0.5
+    dt = torch.rand(T, H, generator=g) * 0.5 + 0.05
+    A = -torch.rand(H, generator=g) * 2 - 0.1
+    dstates = torch.randn(nc, H, P, N, generator=g)
+    pad = lambda t: torch.cat([t, t.new_zeros(nc * Q - T, *t.shape[1:])])  # dt 0 past the end, as mamba_ssm's
+    dA = pad(dt * A).view(nc, Q, H).cumsum(1)
+    seqp = torch.cat([seq, seq.new_full((nc * Q - T,), -1)]).view(nc, Q)
+    CB = torch.einsum("cmgn,ckgn->cgmk", pad(C).view(nc, Q, G, N), pad(B).view(nc, Q, G, N))
+    CB = CB * (seqp[:, None, :, None] == seqp[:, None, None, :])  # across documents: zero, as the library's
+    # The state entering each chunk, by the plain recurrence over positions.
+    h, states, Bh = torch.zeros(H, P, N), torch.zeros(nc, H, P, N), B.repeat_interleave(H // G, dim=1)
+    for t in range(T):
+        if t and seq[t] != seq[t - 1]:
+            h = torch.zeros_like(h)
+        h = (dt[t] * A).exp()[:, None, None] * h + dt[t][:, None, None] * x[t][:, :, None] * Bh[t][:, None, :]
+        if t % Q == Q - 1 and t // Q + 1 < nc:
+            states[t // Q + 1] = h
+    # The gradients the dx kernel computes, by autograd over dense position x position weights (dA held).
+    pos, dAf = torch.arange(T), dA.view(-1, H)[:T]
+    same = (pos[:, None] // Q == pos[None, :] // Q) & (pos[None, :] <= pos[:, None]) & (seq[:, None] == seq[None, :])
+    W = torch.einsum("tgn,sgn->tsg", C, B).repeat_interleave(H // G, dim=2) * same[..., None]
+    W = W * (dAf[:, None] - dAf[None, :]).clamp(max=0).exp()
+    last = seq[torch.clamp(pos // Q * Q + Q - 1, max=T - 1)]
+    end = ((dA[:, -1].repeat_interleave(Q, 0)[:T] - dAf).exp() * (seq == last)[:, None])
+    xl, dtl, Dl = leaves = [t.clone().requires_grad_() for t in (x, dt, D)]
+    y = torch.einsum("tsh,sh,shp->thp", W, dtl, xl) + Dl[:, None] * xl
+    local = torch.zeros(nc, H, P, N).index_add(0, pos // Q, torch.einsum("th,thp,thn->thpn", end * dtl, xl, Bh))
+    grads = torch.autograd.grad((y * dy).sum() + (local * dstates).sum(), leaves)
+    lay = lambda t: pad(t).view(nc, Q, H).permute(2, 0, 1)  # (T, H) -> (H, nc, Q)
+    return dict(x=x, dy=dy, B=B, C=C, dt=lay(dt), dA=dA.permute(2, 0, 1), CB=CB, states=states, dstates=dstates,
+                seq=seq, y=ssd_scan_reference(x, dt, A, B, C, chunk_size=Q, seq_idx=seq, D=D),
+                dx=grads[0], ddt=lay(grads[1]), dD=grads[2])
+
+
+def check(Q, lengths_a, lengths_b):
+    D = torch.randn(H, generator=torch.Generator().manual_seed(2))
+    a, b = case(lengths_a, Q, 0, D), case(lengths_b, Q, 1, D)  # two rows of one batch
+    both = {k: torch.stack([a[k], b[k]]) for k in a if k != "dD"}
+    y = ssd_triton.chunk_scan_fwd(both["CB"], both["x"], both["dt"], both["dA"], both["C"], both["states"], D,
+                                  both["seq"])
+    for i, r in enumerate((a, b)):
+        torch.testing.assert_close(y[i], r["y"], rtol=1e-4, atol=1e-4)
+    out = torch.full((*both["x"].shape[:-1], P + 3), float("nan"))[..., 3:]  # written in place, every element
+    dx, ddt, dD = ssd_triton.chunk_scan_bwd_dx(both["x"], both["dt"], both["dA"], both["B"], both["CB"], both["dy"],
+                                                both["dstates"], D, both["seq"], dx=out)
+    assert dx.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(dx, both["dx"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ddt, both["ddt"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dD, a["dD"] + b["dD"], rtol=1e-4, atol=1e-4)
+
+
+# Documents shorter than a chunk, longer than one, starting mid-chunk; a short last chunk.
+check(64, [10, 150, 1, 39], [200])
+ssd_triton.SCAN_CONFIG = ssd_triton.DX_CONFIG = (16, 8, 1, 1)  # several row tiles and steps per chunk
+check(32, [3, 60, 33, 4, 1], [17, 84])
+"""
+
+
+def test_ssd_chunk_scan_kernels_match_reference():
+    """hnet.ops.ssd_triton (the CUDA path's chunk scan and its dx backward) in Triton's interpreter, against
+    the reference scan and autograd."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _SSD_KERNELS_CHECK], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 # ---- packed attention ----------------------------------------------------------------------------
 
 

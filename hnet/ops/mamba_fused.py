@@ -2,20 +2,20 @@
 
 mamba_ssm's ``mamba_split_conv1d_scan_combined`` saves only its input and, in the backward, recomputes
 the conv, the dt cumsum, C.B within chunks, the per-chunk states and their passing across chunks. This
-function launches the same mamba_ssm kernels in the same order, but the forward keeps what the
-backward needs (the conv's output, dt after softplus, its cumsum, C.B and the fp32 states entering
-each chunk: about 0.65 GB per layer at 65,536 positions, d_inner 2048), so the backward recomputes
-none of it. The scan kernel rounds the fp32 states to bf16 as it loads them, as the library's forward
-rounds them when it stores, so outputs and gradients equal the library's up to the order of its
-atomic adds (tests/test_gpu.py).
+function runs the same steps, but the forward keeps what the backward needs (the conv's output, dt
+after softplus, its cumsum, C.B and the fp32 states entering each chunk: about 0.65 GB per layer at
+65,536 positions, d_inner 2048), so the backward recomputes none of it. The scan rounds the fp32 states
+to bf16 as it loads them, as the library's forward rounds them when it stores, so outputs and gradients
+equal the library's up to the order of fp32 sums (tests/test_gpu.py).
 
 Launch order: the library's SSD kernels launch (row tiles, chunks, heads), so every chunk of head 0 runs
 before any chunk of head 1, and C, B and C.B, which all heads of a chunk share, have left L2 by the time
 the next head reads them (Nsight Compute: 2-3x the DRAM traffic the kernels need at 65,536 positions).
-With one group, the kernels that index nothing else by head are given the heads as their batch and a
-single head (views, no copies): the heads of a chunk then run back to back. Same kernels and arithmetic,
-bitwise-equal results, 13% less time for those three kernels (docs/performance.md, change 22). The
-chunk scan and its dx backward keep the library's order: they read the skip term D by head.
+With one group, the library's kernels that index nothing else by head (chunk states, dstates, dA
+through the scan) are given the heads as their batch and a single head (views, no copies): the heads of
+a chunk then run back to back, with the same arithmetic (docs/performance.md, change 22). The chunk scan
+and its dx backward read the skip term D by head, so they are ours (``hnet.ops.ssd_triton``), launched
+heads inside chunks for any number of groups (change 27).
 
 The conv's backward is ours (``hnet.ops.conv_triton``): causal_conv1d's runs at a third of the memory
 bandwidth (change 26).
@@ -53,9 +53,9 @@ def available() -> bool:
 def _kernels() -> SimpleNamespace:
     from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
 
-    from hnet.ops import conv_triton
+    from hnet.ops import conv_triton, ssd_triton
     from mamba_ssm.ops.triton import layernorm_gated, ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing
-    from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx, ensure_stride
+    from mamba_ssm.ops.triton.ssd_combined import ensure_stride
 
     return SimpleNamespace(
         conv_fwd=causal_conv1d_fwd_function, conv_bwd=conv_triton.causal_conv1d_silu_bwd, conv_width=conv_triton.WIDTH,
@@ -65,7 +65,7 @@ def _kernels() -> SimpleNamespace:
         cumsum_fwd=ssd_chunk_state._chunk_cumsum_fwd, cumsum_bwd=ssd_chunk_state._chunk_cumsum_bwd,
         state_fwd=ssd_chunk_state._chunk_state_fwd, state_bwd_db=ssd_chunk_state._chunk_state_bwd_db,
         passing_fwd=ssd_state_passing._state_passing_fwd, passing_bwd=ssd_state_passing._state_passing_bwd,
-        scan_fwd=ssd_chunk_scan._chunk_scan_fwd, scan_bwd_dx=_chunk_scan_chunk_state_bwd_dx,
+        scan_fwd=ssd_triton.chunk_scan_fwd, scan_bwd_dx=ssd_triton.chunk_scan_bwd_dx,
         scan_bwd_dstates=ssd_chunk_scan._chunk_scan_bwd_dstates, scan_bwd_dC=ssd_chunk_scan._chunk_scan_bwd_dC,
         scan_bwd_dcb=ssd_chunk_scan._chunk_scan_bwd_dcb, scan_bwd_ddAcs=ssd_chunk_scan._chunk_scan_bwd_ddAcs_stable,
     )
@@ -183,7 +183,7 @@ class SplitConvScan(torch.autograd.Function):
         del local  # 0.27 GB at 65,536 positions: gone before the scan allocates
         states = states.unflatten(-1, x.shape[-1:] + B.shape[-1:])  # fp32: the state entering each chunk
         CB = k.bmm_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
-        y, _ = k.scan_fwd(CB, x, dt, dA_cumsum, C, states, D=D, seq_idx=seq_idx)  # rounds them to bf16 itself
+        y = k.scan_fwd(CB, x, dt, dA_cumsum, C, states, D, seq_idx)  # rounds the states to bf16 itself
         y_norm, _, rstd = k.norm_fwd(
             y[0].flatten(-2), norm_w, None, eps, z[0], group_size=z.shape[-1] // ngroups,
             norm_before_gate=norm_before_gate, is_rms_norm=True,
@@ -224,7 +224,7 @@ class SplitConvScan(torch.autograd.Function):
             dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size,
         )
         dstates, states_lp = dstates.view_as(states), states_lp.view_as(states)
-        _, ddt, dD = k.scan_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
+        _, ddt, dD = k.scan_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx=dx)
         dB_local, ddA_next = k.state_bwd_db(x, dt, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups)
         dC_local, ddA_prev = k.scan_bwd_dC(states_lp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups)
         dCB = k.scan_bwd_dcb(x, dt, dA_cumsum, dy, seq_idx=seq_idx, ngroups=ngroups).to(CB.dtype)

@@ -1,0 +1,217 @@
+"""Mamba2 SSD's chunk scan (forward) and its input-gradient backward, in Triton, all heads of a chunk together.
+
+mamba_ssm's two costliest SSD kernels launch (row tiles, chunks, heads): every chunk of head 0 runs before
+any chunk of head 1, so C.B, C and B, shared by all heads of a chunk, have left L2 when the next head reads
+them (Nsight Compute: 2-3x the DRAM traffic the kernels need; docs/performance.md, change 22). They also
+read the skip term D by head, so the library's kernels cannot be handed the heads as their batch, as
+``hnet.ops.mamba_fused`` does for three others. These launch (row tiles, heads, chunks), one program per
+row tile of one head over the whole head dimension, so a chunk's C.B tile is read from DRAM once and the
+head dimension's gradient sums (dt, D) need no atomics: deterministic.
+
+Layouts are mamba_ssm's (2.x): x and y (b, T, H, P); dt and its cumsum dA (b, H, nchunks, Q); C and B
+(b, T, G, N); C.B (b, nchunks, G, Q, Q) with entries across documents zeroed; states (b, nchunks, H, P, N),
+fp32; seq_idx (b, T) int32. The arithmetic follows the library's: fp32 accumulation, the decayed C.B and
+the states rounded to x's dtype for the tensor cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK_M, BLOCK_K, warps, stages), chosen on an H100 at 65,536 positions, 32 heads x 64, N 128
+# (docs/performance.md, change 27).
+SCAN_CONFIG = (64, 64, 4, 1)
+DX_CONFIG = (64, 32, 4, 1)
+
+
+@triton.jit
+def _tile(T, Q, nchunks, heads_per_group, BLOCK_M: tl.constexpr):
+    """This program's rows: (tile, batch row, chunk, head, group, chunk start, rows in the chunk, row offsets)."""
+    pid_m, h, pid_bc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = pid_bc % nchunks
+    rows = min(Q, T - c * Q)  # the last chunk may be short
+    return pid_m, pid_bc // nchunks, c, h, h // heads_per_group, c * Q, rows, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _chunk_scan_fwd_kernel(
+    cb_ptr, x_ptr, dt_ptr, dA_ptr, c_ptr, st_ptr, d_ptr, seq_ptr, y_ptr,
+    T, Q, P, N, nchunks, heads_per_group,
+    s_cb_b, s_cb_c, s_cb_g, s_cb_m, s_cb_k,
+    s_x_b, s_x_t, s_x_h, s_x_p,
+    s_dt_b, s_dt_h, s_dt_c, s_dt_q,
+    s_dA_b, s_dA_h, s_dA_c, s_dA_q,
+    s_c_b, s_c_t, s_c_g, s_c_n,
+    s_st_b, s_st_c, s_st_h, s_st_p, s_st_n,
+    s_seq_b, s_seq_t,
+    s_y_b, s_y_t, s_y_h, s_y_p,
+    HAS_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m, b, c, h, g, t0, rows, offs_m = _tile(T, Q, nchunks, heads_per_group, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    in_m = offs_m < rows
+    dA_base = dA_ptr + b * s_dA_b + h * s_dA_h + c * s_dA_c
+    x_base = x_ptr + b * s_x_b + t0 * s_x_t + h * s_x_h
+    dA_m = tl.load(dA_base + offs_m * s_dA_q, mask=in_m, other=0.0).to(tl.float32)
+
+    # The state entering the chunk, for rows still in the document the previous chunk ended in.
+    seq_base = seq_ptr + b * s_seq_b + t0 * s_seq_t
+    seq_m = tl.load(seq_base + offs_m * s_seq_t, mask=in_m, other=-1)
+    seq_prev = tl.load(seq_base - s_seq_t, mask=c > 0, other=-2)
+    scale = tl.where(seq_m == seq_prev, tl.exp(dA_m), 0.0)
+    cm = tl.load(c_ptr + b * s_c_b + t0 * s_c_t + g * s_c_g + offs_m[:, None] * s_c_t + offs_n[None, :] * s_c_n,
+                 mask=in_m[:, None] & (offs_n[None, :] < N), other=0.0)
+    st = tl.load(st_ptr + b * s_st_b + c * s_st_c + h * s_st_h + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p,
+                 mask=(offs_n[:, None] < N) & (offs_p[None, :] < P), other=0.0)
+    acc = tl.dot(cm, st.to(cm.dtype)) * scale[:, None]
+    # Within the chunk: y[m] += sum_{k <= m} C.B[m, k] exp(dA[m] - dA[k]) dt[k] x[k].
+    offs_k = tl.arange(0, BLOCK_K)
+    cb_base = cb_ptr + b * s_cb_b + c * s_cb_c + g * s_cb_g + offs_m[:, None] * s_cb_m
+    dt_base = dt_ptr + b * s_dt_b + h * s_dt_h + c * s_dt_c
+    k_end = min((pid_m + 1) * BLOCK_M, rows)
+    for k0 in range(0, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        in_k = ks < k_end
+        cb = tl.load(cb_base + ks[None, :] * s_cb_k, mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+        dA_k = tl.load(dA_base + ks * s_dA_q, mask=in_k, other=0.0).to(tl.float32)
+        dt_k = tl.load(dt_base + ks * s_dt_q, mask=in_k, other=0.0).to(tl.float32)
+        w = cb * tl.exp(tl.minimum(dA_m[:, None] - dA_k[None, :], 0.0)) * dt_k[None, :]
+        w = tl.where(offs_m[:, None] >= ks[None, :], w, 0.0)
+        xk = tl.load(x_base + ks[:, None] * s_x_t + offs_p[None, :] * s_x_p,
+                     mask=in_k[:, None] & (offs_p[None, :] < P), other=0.0)
+        acc += tl.dot(w.to(xk.dtype), xk)
+
+    io_mask = in_m[:, None] & (offs_p[None, :] < P)
+    if HAS_D:
+        xm = tl.load(x_base + offs_m[:, None] * s_x_t + offs_p[None, :] * s_x_p, mask=io_mask, other=0.0)
+        acc += xm.to(tl.float32) * tl.load(d_ptr + h).to(tl.float32)
+    y_base = y_ptr + b * s_y_b + t0 * s_y_t + h * s_y_h
+    tl.store(y_base + offs_m[:, None] * s_y_t + offs_p[None, :] * s_y_p, acc.to(y_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _chunk_scan_bwd_dx_kernel(
+    cb_ptr, x_ptr, dt_ptr, dA_ptr, b_ptr, dst_ptr, d_ptr, seq_ptr, dy_ptr, dx_ptr, ddt_ptr, dD_ptr,
+    T, Q, P, N, nchunks, heads_per_group, m_tiles,
+    s_cb_b, s_cb_c, s_cb_g, s_cb_m, s_cb_k,
+    s_x_b, s_x_t, s_x_h, s_x_p,
+    s_dt_b, s_dt_h, s_dt_c, s_dt_q,
+    s_dA_b, s_dA_h, s_dA_c, s_dA_q,
+    s_b_b, s_b_t, s_b_g, s_b_n,
+    s_dst_b, s_dst_c, s_dst_h, s_dst_p, s_dst_n,
+    s_seq_b, s_seq_t,
+    s_dy_b, s_dy_t, s_dy_h, s_dy_p,
+    s_dx_b, s_dx_t, s_dx_h, s_dx_p,
+    HAS_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m, b, c, h, g, t0, rows, offs_m = _tile(T, Q, nchunks, heads_per_group, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    in_m = offs_m < rows
+    io_mask = in_m[:, None] & (offs_p[None, :] < P)
+    dA_base = dA_ptr + b * s_dA_b + h * s_dA_h + c * s_dA_c
+    dy_base = dy_ptr + b * s_dy_b + t0 * s_dy_t + h * s_dy_h
+    dA_m = tl.load(dA_base + offs_m * s_dA_q, mask=in_m, other=0.0).to(tl.float32)
+
+    # Through the state the chunk passes on, for rows in the document the chunk ends in.
+    seq_base = seq_ptr + b * s_seq_b + t0 * s_seq_t
+    seq_m = tl.load(seq_base + offs_m * s_seq_t, mask=in_m, other=-1)
+    seq_last = tl.load(seq_base + (rows - 1) * s_seq_t)
+    dA_last = tl.load(dA_base + (Q - 1) * s_dA_q).to(tl.float32)
+    scale = tl.where(seq_m == seq_last, tl.exp(tl.minimum(dA_last - dA_m, 0.0)), 0.0)
+    bm = tl.load(b_ptr + b * s_b_b + t0 * s_b_t + g * s_b_g + offs_m[:, None] * s_b_t + offs_n[None, :] * s_b_n,
+                 mask=in_m[:, None] & (offs_n[None, :] < N), other=0.0)
+    dst = tl.load(dst_ptr + b * s_dst_b + c * s_dst_c + h * s_dst_h + offs_n[:, None] * s_dst_n
+                  + offs_p[None, :] * s_dst_p, mask=(offs_n[:, None] < N) & (offs_p[None, :] < P), other=0.0)
+    acc = tl.dot(bm, dst.to(bm.dtype)) * scale[:, None]
+
+    # From later rows of the chunk: sum_{k >= m} C.B[k, m] exp(dA[k] - dA[m]) dy[k].
+    offs_k = tl.arange(0, BLOCK_K)
+    cbt_base = cb_ptr + b * s_cb_b + c * s_cb_c + g * s_cb_g + offs_m[:, None] * s_cb_k
+    for k0 in range(pid_m * BLOCK_M, rows, BLOCK_K):
+        ks = k0 + offs_k
+        in_k = ks < rows
+        cbt = tl.load(cbt_base + ks[None, :] * s_cb_m, mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+        dA_k = tl.load(dA_base + ks * s_dA_q, mask=in_k, other=0.0).to(tl.float32)
+        w = cbt * tl.exp(tl.minimum(dA_k[None, :] - dA_m[:, None], 0.0))
+        w = tl.where(ks[None, :] >= offs_m[:, None], w, 0.0)
+        dyk = tl.load(dy_base + ks[:, None] * s_dy_t + offs_p[None, :] * s_dy_p,
+                      mask=in_k[:, None] & (offs_p[None, :] < P), other=0.0)
+        acc += tl.dot(w.to(dyk.dtype), dyk)
+
+    dt_m = tl.load(dt_ptr + b * s_dt_b + h * s_dt_h + c * s_dt_c + offs_m * s_dt_q, mask=in_m, other=0.0)
+    xm = tl.load(x_ptr + b * s_x_b + t0 * s_x_t + h * s_x_h + offs_m[:, None] * s_x_t + offs_p[None, :] * s_x_p,
+                 mask=io_mask, other=0.0).to(tl.float32)
+    # dt's (b, H, nchunks, Q), contiguous; zero past the end, as the cumsum's backward reads the whole chunk
+    ddt_q = ((b * tl.num_programs(1) + h) * nchunks + c) * Q + offs_m
+    tl.store(ddt_ptr + ddt_q, tl.sum(acc * xm, axis=1), mask=offs_m < Q)
+    dx = acc * dt_m.to(tl.float32)[:, None]
+    if HAS_D:
+        dym = tl.load(dy_base + offs_m[:, None] * s_dy_t + offs_p[None, :] * s_dy_p, mask=io_mask, other=0.0)
+        dym = dym.to(tl.float32)
+        dx += dym * tl.load(d_ptr + h).to(tl.float32)
+        tl.store(dD_ptr + ((b * nchunks + c) * m_tiles + pid_m) * tl.num_programs(1) + h,
+                 tl.sum(tl.sum(dym * xm, axis=1), axis=0))
+    dx_base = dx_ptr + b * s_dx_b + t0 * s_dx_t + h * s_dx_h
+    tl.store(dx_base + offs_m[:, None] * s_dx_t + offs_p[None, :] * s_dx_p, dx.to(dx_ptr.dtype.element_ty), mask=io_mask)
+
+
+def _launch(kernel, config: tuple[int, int, int, int], x: torch.Tensor, nchunks: int, Q: int, N: int, *args,
+            has_d: bool) -> None:
+    """One program per (row tile, head, batch row and chunk): a chunk's heads run together."""
+    batch, _, H, P = x.shape
+    block_m, block_k, warps, stages = config
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
+        kernel[(triton.cdiv(Q, block_m), H, batch * nchunks)](
+            *args, HAS_D=has_d, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_P=max(triton.next_power_of_2(P), 16),
+            BLOCK_N=max(triton.next_power_of_2(N), 16), num_warps=warps, num_stages=stages,
+        )
+
+
+def _shapes(x: torch.Tensor, dt: torch.Tensor, bc: torch.Tensor, cb: torch.Tensor, seq_idx: torch.Tensor):
+    batch, T, H, P = x.shape
+    _, _, nchunks, Q = dt.shape
+    G, N = bc.shape[-2:]
+    assert H % G == 0 and cb.shape == (batch, nchunks, G, Q, Q) and seq_idx.shape == (batch, T)
+    return batch, T, H, P, nchunks, Q, G, N
+
+
+def chunk_scan_fwd(cb: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, dA_cumsum: torch.Tensor, C: torch.Tensor,
+                   states: torch.Tensor, D: torch.Tensor | None, seq_idx: torch.Tensor) -> torch.Tensor:
+    """y = C . (state entering the chunk) + the causal chunk-local scan + D x, in x's dtype (layouts above)."""
+    batch, T, H, P, nchunks, Q, G, N = _shapes(x, dt, C, cb, seq_idx)
+    assert states.shape == (batch, nchunks, H, P, N) and (D is None or D.shape == (H,))
+    y = torch.empty_like(x)
+    _launch(_chunk_scan_fwd_kernel, SCAN_CONFIG, x, nchunks, Q, N,
+            cb, x, dt, dA_cumsum, C, states, D, seq_idx, y, T, Q, P, N, nchunks, H // G,
+            *cb.stride(), *x.stride(), *dt.stride(), *dA_cumsum.stride(), *C.stride(), *states.stride(),
+            *seq_idx.stride(), *y.stride(), has_d=D is not None)
+    return y
+
+
+def chunk_scan_bwd_dx(x: torch.Tensor, dt: torch.Tensor, dA_cumsum: torch.Tensor, B: torch.Tensor, cb: torch.Tensor,
+                      dy: torch.Tensor, dstates: torch.Tensor, D: torch.Tensor | None, seq_idx: torch.Tensor,
+                      dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradients of y and of the states each chunk passes on, with respect to x, dt (dA held) and D.
+
+    dstates (b, nchunks, H, P, N) is the gradient of the chunk's own contribution to the state it passes on.
+    Returns dx (into ``dx`` when given: any strides), ddt (fp32, dt's shape) and dD (D's dtype, or None).
+    """
+    batch, T, H, P, nchunks, Q, G, N = _shapes(x, dt, B, cb, seq_idx)
+    assert dy.shape == x.shape and dstates.shape == (batch, nchunks, H, P, N)
+    m_tiles = triton.cdiv(Q, DX_CONFIG[0])
+    dx = torch.empty_like(x) if dx is None else dx
+    ddt = torch.empty(batch, H, nchunks, Q, device=x.device, dtype=torch.float32)
+    dD = torch.empty(batch * nchunks * m_tiles, H, device=x.device, dtype=torch.float32) if D is not None else None
+    _launch(_chunk_scan_bwd_dx_kernel, DX_CONFIG, x, nchunks, Q, N,
+            cb, x, dt, dA_cumsum, B, dstates, D, seq_idx, dy, dx, ddt, dD, T, Q, P, N, nchunks, H // G, m_tiles,
+            *cb.stride(), *x.stride(), *dt.stride(), *dA_cumsum.stride(), *B.stride(), *dstates.stride(),
+            *seq_idx.stride(), *dy.stride(), *dx.stride(), has_d=D is not None)
+    return dx, ddt, dD.sum(0).to(D.dtype) if D is not None else None
