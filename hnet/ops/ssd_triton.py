@@ -11,7 +11,8 @@ head dimension's gradient sums (dt, D) need no atomics: deterministic.
 Layouts are mamba_ssm's (2.x): x and y (b, T, H, P); dt and its cumsum dA (b, H, nchunks, Q); C and B
 (b, T, G, N); C.B (b, nchunks, G, Q, Q) with entries across documents zeroed; states (b, nchunks, H, P, N),
 fp32; seq_idx (b, T) int32. The arithmetic follows the library's: fp32 accumulation, the decayed C.B and
-the states rounded to x's dtype for the tensor cores.
+the states rounded to x's dtype for the tensor cores. The kernels' names differ from the library's, which
+the dechunk scan still launches, so that profiles tell them apart.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _tile(T, Q, nchunks, heads_per_group, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _chunk_scan_fwd_kernel(
+def _ssd_scan_fwd_kernel(
     cb_ptr, x_ptr, dt_ptr, dA_ptr, c_ptr, st_ptr, d_ptr, seq_ptr, y_ptr,
     T, Q, P, N, nchunks, heads_per_group,
     s_cb_b, s_cb_c, s_cb_g, s_cb_m, s_cb_k,
@@ -96,7 +97,7 @@ def _chunk_scan_fwd_kernel(
 
 
 @triton.jit
-def _chunk_scan_bwd_dx_kernel(
+def _ssd_scan_bwd_dx_kernel(
     cb_ptr, x_ptr, dt_ptr, dA_ptr, b_ptr, dst_ptr, d_ptr, seq_ptr, dy_ptr, dx_ptr, ddt_ptr, dD_ptr,
     T, Q, P, N, nchunks, heads_per_group, m_tiles,
     s_cb_b, s_cb_c, s_cb_g, s_cb_m, s_cb_k,
@@ -189,7 +190,7 @@ def chunk_scan_fwd(cb: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, dA_cumsu
     batch, T, H, P, nchunks, Q, G, N = _shapes(x, dt, C, cb, seq_idx)
     assert states.shape == (batch, nchunks, H, P, N) and (D is None or D.shape == (H,))
     y = torch.empty_like(x)
-    _launch(_chunk_scan_fwd_kernel, SCAN_CONFIG, x, nchunks, Q, N,
+    _launch(_ssd_scan_fwd_kernel, SCAN_CONFIG, x, nchunks, Q, N,
             cb, x, dt, dA_cumsum, C, states, D, seq_idx, y, T, Q, P, N, nchunks, H // G,
             *cb.stride(), *x.stride(), *dt.stride(), *dA_cumsum.stride(), *C.stride(), *states.stride(),
             *seq_idx.stride(), *y.stride(), has_d=D is not None)
@@ -210,7 +211,7 @@ def chunk_scan_bwd_dx(x: torch.Tensor, dt: torch.Tensor, dA_cumsum: torch.Tensor
     dx = torch.empty_like(x) if dx is None else dx
     ddt = torch.empty(batch, H, nchunks, Q, device=x.device, dtype=torch.float32)
     dD = torch.empty(batch * nchunks * m_tiles, H, device=x.device, dtype=torch.float32) if D is not None else None
-    _launch(_chunk_scan_bwd_dx_kernel, DX_CONFIG, x, nchunks, Q, N,
+    _launch(_ssd_scan_bwd_dx_kernel, DX_CONFIG, x, nchunks, Q, N,
             cb, x, dt, dA_cumsum, B, dstates, D, seq_idx, dy, dx, ddt, dD, T, Q, P, N, nchunks, H // G, m_tiles,
             *cb.stride(), *x.stride(), *dt.stride(), *dA_cumsum.stride(), *B.stride(), *dstates.stride(),
             *seq_idx.stride(), *dy.stride(), *dx.stride(), has_d=D is not None)
