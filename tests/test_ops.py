@@ -170,6 +170,26 @@ def test_causal_conv_matches_per_document_conv(activation):
         assert torch.equal(causal_conv1d(x, weight, bias, seq_idx(lengths)), out)
 
 
+def run_in_triton_interpreter(script: str) -> None:
+    """Run a check script with Triton's interpreter on the CPU; skipped where Triton is missing (CI)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when a kernel is decorated: a fresh process
+    done = subprocess.run([sys.executable, "-c", _INTERPRETER_SHIM + script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+_INTERPRETER_SHIM = """
+import triton.runtime.interpreter as interpreter
+
+# Triton 3.6's interpreter turns loop bounds that depend on a program id (1-element arrays) into ints with
+# int(array), which NumPy 2.4 refuses; .item() is what it means.
+_patch = interpreter._patch_lang_tensor
+def _patch_index(tensor, scope):
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+interpreter._patch_lang_tensor = _patch_index
+"""
+
 _CONV_BWD_CHECK = """
 import torch
 from hnet.ops import conv_triton
@@ -191,24 +211,11 @@ for ours, ref in zip(conv_triton.causal_conv1d_silu_bwd(x, weight, bias, dy, seq
 
 def test_conv_backward_kernel_matches_reference():
     """hnet.ops.conv_triton (the CUDA path's conv backward) in Triton's interpreter, against autograd."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is decorated: a fresh process
-    done = subprocess.run([sys.executable, "-c", _CONV_BWD_CHECK], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_in_triton_interpreter(_CONV_BWD_CHECK)
 
 
 _SSD_KERNELS_CHECK = """
 import torch
-import triton.runtime.interpreter as interpreter
-
-# Triton 3.6's interpreter turns loop bounds that depend on a program id (1-element arrays) into ints with
-# int(array), which NumPy 2.4 refuses; .item() is what it means.
-_patch = interpreter._patch_lang_tensor
-def _patch_index(tensor, scope):
-    _patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-interpreter._patch_lang_tensor = _patch_index
-
 from hnet.ops import ssd_triton
 from hnet.ops.ssd import ssd_scan_reference
 
@@ -282,10 +289,7 @@ check(32, [3, 60, 33, 4, 1], [17, 84])
 def test_ssd_chunk_scan_kernels_match_reference():
     """hnet.ops.ssd_triton (the CUDA path's chunk scan and its dx backward) in Triton's interpreter, against
     the reference scan and autograd."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", _SSD_KERNELS_CHECK], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_in_triton_interpreter(_SSD_KERNELS_CHECK)
 
 
 # ---- packed attention ----------------------------------------------------------------------------
