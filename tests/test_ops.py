@@ -245,21 +245,23 @@ def case(lengths, Q, seed, D):
         h = (dt[t] * A).exp()[:, None, None] * h + dt[t][:, None, None] * x[t][:, :, None] * Bh[t][:, None, :]
         if t % Q == Q - 1 and t // Q + 1 < nc:
             states[t // Q + 1] = h
-    # The gradients the dx kernel computes, by autograd over dense position x position weights (dA held).
-    pos, dAf = torch.arange(T), dA.view(-1, H)[:T]
+    # The gradients the dx kernel computes, by autograd over dense position x position weights: x, dt and D
+    # with dA held; dA's increments through the scan's weights (not through the state a chunk passes on).
+    inc = pad(dt * A).view(nc, Q, H).requires_grad_()
+    pos, dAf = torch.arange(T), inc.cumsum(1).view(-1, H)[:T]
     same = (pos[:, None] // Q == pos[None, :] // Q) & (pos[None, :] <= pos[:, None]) & (seq[:, None] == seq[None, :])
     W = torch.einsum("tgn,sgn->tsg", C, B).repeat_interleave(H // G, dim=2) * same[..., None]
     W = W * (dAf[:, None] - dAf[None, :]).clamp(max=0).exp()
     last = seq[torch.clamp(pos // Q * Q + Q - 1, max=T - 1)]
-    end = ((dA[:, -1].repeat_interleave(Q, 0)[:T] - dAf).exp() * (seq == last)[:, None])
+    end = ((dA[:, -1].repeat_interleave(Q, 0)[:T] - dAf.detach()).exp() * (seq == last)[:, None])
     xl, dtl, Dl = leaves = [t.clone().requires_grad_() for t in (x, dt, D)]
     y = torch.einsum("tsh,sh,shp->thp", W, dtl, xl) + Dl[:, None] * xl
     local = torch.zeros(nc, H, P, N).index_add(0, pos // Q, torch.einsum("th,thp,thn->thpn", end * dtl, xl, Bh))
-    grads = torch.autograd.grad((y * dy).sum() + (local * dstates).sum(), leaves)
+    grads = torch.autograd.grad((y * dy).sum() + (local * dstates).sum(), [*leaves, inc])
     lay = lambda t: pad(t).view(nc, Q, H).permute(2, 0, 1)  # (T, H) -> (H, nc, Q)
     return dict(x=x, dy=dy, B=B, C=C, dt=lay(dt), dA=dA.permute(2, 0, 1), CB=CB, states=states, dstates=dstates,
                 seq=seq, y=ssd_scan_reference(x, dt, A, B, C, chunk_size=Q, seq_idx=seq, D=D),
-                dx=grads[0], ddt=lay(grads[1]), dD=grads[2])
+                dx=grads[0], ddt=lay(grads[1]), dD=grads[2], ddA=grads[3].permute(2, 0, 1))
 
 
 def check(Q, lengths_a, lengths_b):
@@ -271,11 +273,13 @@ def check(Q, lengths_a, lengths_b):
     for i, r in enumerate((a, b)):
         torch.testing.assert_close(y[i], r["y"], rtol=1e-4, atol=1e-4)
     out = torch.full((*both["x"].shape[:-1], P + 3), float("nan"))[..., 3:]  # written in place, every element
-    dx, ddt, dD = ssd_triton.chunk_scan_bwd_dx(both["x"], both["dt"], both["dA"], both["B"], both["CB"], both["dy"],
-                                                both["dstates"], D, both["seq"], dx=out)
+    dx, ddt, ddA, dD = ssd_triton.chunk_scan_bwd_dx(both["x"], both["dt"], both["dA"], both["B"], both["CB"],
+                                                     both["dy"], both["dstates"], D, both["seq"], dx=out)
     assert dx.data_ptr() == out.data_ptr()
     torch.testing.assert_close(dx, both["dx"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ddt, both["ddt"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ddA, both["ddA"], rtol=1e-4, atol=1e-4)
+    assert ddA.abs().amax() > 1e-2  # the reference's dA gradient is not vanishingly small
     torch.testing.assert_close(dD, a["dD"] + b["dD"], rtol=1e-4, atol=1e-4)
 
 

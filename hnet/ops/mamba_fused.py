@@ -11,11 +11,11 @@ equal the library's up to the order of fp32 sums (tests/test_gpu.py).
 Launch order: the library's SSD kernels launch (row tiles, chunks, heads), so every chunk of head 0 runs
 before any chunk of head 1, and C, B and C.B, which all heads of a chunk share, have left L2 by the time
 the next head reads them (Nsight Compute: 2-3x the DRAM traffic the kernels need at 65,536 positions).
-With one group, the library's kernels that index nothing else by head (chunk states, dstates, dA
-through the scan) are given the heads as their batch and a single head (views, no copies): the heads of
-a chunk then run back to back, with the same arithmetic (docs/performance.md, change 22). The chunk scan
-and its dx backward read the skip term D by head, so they are ours (``hnet.ops.ssd_triton``), launched
-heads inside chunks for any number of groups (change 27).
+With one group, the library's kernels that index nothing else by head (chunk states, dstates) are
+given the heads as their batch and a single head (views, no copies): the heads of a chunk then run back
+to back, with the same arithmetic (docs/performance.md, change 22). The chunk scan and its backward
+(dx, dt, D and dA through the scan) are ours (``hnet.ops.ssd_triton``), launched heads inside chunks for
+any number of groups (changes 27 and 29).
 
 The conv's backward is ours (``hnet.ops.conv_triton``): causal_conv1d's runs at a third of the memory
 bandwidth (change 26).
@@ -67,7 +67,7 @@ def _kernels() -> SimpleNamespace:
         passing_fwd=ssd_state_passing._state_passing_fwd, passing_bwd=ssd_state_passing._state_passing_bwd,
         scan_fwd=ssd_triton.chunk_scan_fwd, scan_bwd_dx=ssd_triton.chunk_scan_bwd_dx,
         scan_bwd_dstates=ssd_chunk_scan._chunk_scan_bwd_dstates, scan_bwd_dC=ssd_chunk_scan._chunk_scan_bwd_dC,
-        scan_bwd_dcb=ssd_chunk_scan._chunk_scan_bwd_dcb, scan_bwd_ddAcs=ssd_chunk_scan._chunk_scan_bwd_ddAcs_stable,
+        scan_bwd_dcb=ssd_chunk_scan._chunk_scan_bwd_dcb,
     )
 
 
@@ -224,14 +224,13 @@ class SplitConvScan(torch.autograd.Function):
             dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size,
         )
         dstates, states_lp = dstates.view_as(states), states_lp.view_as(states)
-        _, ddt, dD = k.scan_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx=dx)
+        _, ddt, ddA, dD = k.scan_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx=dx)
         dB_local, ddA_next = k.state_bwd_db(x, dt, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups)
         dC_local, ddA_prev = k.scan_bwd_dC(states_lp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups)
         dCB = k.scan_bwd_dcb(x, dt, dA_cumsum, dy, seq_idx=seq_idx, ngroups=ngroups).to(CB.dtype)
         k.bmm_bwd(C, dCB, residual=dB_local, out=dB)
         k.bmm_bwd(B, dCB.transpose(-1, -2), residual=dC_local, out=dC)
         ddA_prev[..., -1] += ddA_chunk_end
-        ddA = h.chunk(k.scan_bwd_ddAcs(h.seq(x), h.chunk(dt), h.chunk(dA_cumsum), h.seq(dy), h.shared(CB)))
         ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
         _, dA, ddt_bias = k.cumsum_bwd(ddA, ddt, dt_raw, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt_raw)
 

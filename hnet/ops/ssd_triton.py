@@ -4,14 +4,17 @@ mamba_ssm's two costliest SSD kernels launch (row tiles, chunks, heads): every c
 any chunk of head 1, so C.B, C and B, shared by all heads of a chunk, have left L2 when the next head reads
 them (Nsight Compute: 2-3x the DRAM traffic the kernels need; docs/performance.md, change 22). They also
 read the skip term D by head, so the library's kernels cannot be handed the heads as their batch, as
-``hnet.ops.mamba_fused`` does for three others. These launch (row tiles, heads, chunks), one program per
+``hnet.ops.mamba_fused`` does for two others. These launch (row tiles, heads, chunks), one program per
 row tile of one head over the whole head dimension, so a chunk's C.B tile is read from DRAM once and the
-head dimension's gradient sums (dt, D) need no atomics: deterministic.
+head dimension's gradient sums (dt, D) need no atomics: deterministic. The backward also gives dA's
+gradient through the scan, which the library computes in a kernel of its own that reads x, dy and C.B
+again (change 29): 0.24 ms less per encoder layer on an H100.
 
 Layouts are mamba_ssm's (2.x): x and y (b, T, H, P); dt and its cumsum dA (b, H, nchunks, Q); C and B
 (b, T, G, N); C.B (b, nchunks, G, Q, Q) with entries across documents zeroed; states (b, nchunks, H, P, N),
 fp32; seq_idx (b, T) int32. The arithmetic follows the library's: fp32 accumulation, the decayed C.B and
-the states rounded to x's dtype for the tensor cores. The kernels' names differ from the library's, which
+the states rounded to x's dtype for the tensor cores, dA's gradient from fp32 terms (rounding the decayed
+C.B there cancels badly: change 28). The kernels' names differ from the library's, which
 the dechunk scan still launches, so that profiles tell them apart.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -98,7 +102,7 @@ def _ssd_scan_fwd_kernel(
 
 @triton.jit
 def _ssd_scan_bwd_dx_kernel(
-    cb_ptr, x_ptr, dt_ptr, dA_ptr, b_ptr, dst_ptr, d_ptr, seq_ptr, dy_ptr, dx_ptr, ddt_ptr, dD_ptr,
+    cb_ptr, x_ptr, dt_ptr, dA_ptr, b_ptr, dst_ptr, d_ptr, seq_ptr, dy_ptr, dx_ptr, ddt_ptr, sums_ptr, dD_ptr,
     T, Q, P, N, nchunks, heads_per_group, m_tiles,
     s_cb_b, s_cb_c, s_cb_g, s_cb_m, s_cb_k,
     s_x_b, s_x_t, s_x_h, s_x_p,
@@ -133,7 +137,17 @@ def _ssd_scan_bwd_dx_kernel(
                   + offs_p[None, :] * s_dst_p, mask=(offs_n[:, None] < N) & (offs_p[None, :] < P), other=0.0)
     acc = tl.dot(bm, dst.to(bm.dtype)) * scale[:, None]
 
-    # From later rows of the chunk: sum_{k >= m} C.B[k, m] exp(dA[k] - dA[m]) dy[k].
+    # From later rows of the chunk: sum_{k >= m} C.B[k, m] exp(dA[k] - dA[m]) dy[k]. Along the way, the
+    # terms of dA's gradient, in fp32 as the library forms them: for k > m, M[k, m] = dy[k] . x[m] times the
+    # same decayed C.B and dt[m]. Row m's sum over k is this program's; its sums over m for each k are
+    # partial (one slot per row tile; ``chunk_scan_bwd_dx`` adds them up).
+    dt_m = tl.load(dt_ptr + b * s_dt_b + h * s_dt_h + c * s_dt_c + offs_m * s_dt_q, mask=in_m, other=0.0)
+    dt_m = dt_m.to(tl.float32)
+    xm = tl.load(x_ptr + b * s_x_b + t0 * s_x_t + h * s_x_h + offs_m[:, None] * s_x_t + offs_p[None, :] * s_x_p,
+                 mask=io_mask, other=0.0)
+    chunk_q = ((b * tl.num_programs(1) + h) * nchunks + c) * Q  # dt's (b, H, nchunks, Q), contiguous
+    slot = tl.num_programs(2) * tl.num_programs(1) * Q  # one (b, H, nchunks, Q) slot of the sums
+    out_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     cbt_base = cb_ptr + b * s_cb_b + c * s_cb_c + g * s_cb_g + offs_m[:, None] * s_cb_k
     for k0 in range(pid_m * BLOCK_M, rows, BLOCK_K):
@@ -142,18 +156,18 @@ def _ssd_scan_bwd_dx_kernel(
         cbt = tl.load(cbt_base + ks[None, :] * s_cb_m, mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)
         dA_k = tl.load(dA_base + ks * s_dA_q, mask=in_k, other=0.0).to(tl.float32)
         w = cbt * tl.exp(tl.minimum(dA_k[None, :] - dA_m[:, None], 0.0))
-        w = tl.where(ks[None, :] >= offs_m[:, None], w, 0.0)
         dyk = tl.load(dy_base + ks[:, None] * s_dy_t + offs_p[None, :] * s_dy_p,
                       mask=in_k[:, None] & (offs_p[None, :] < P), other=0.0)
-        acc += tl.dot(w.to(dyk.dtype), dyk)
+        acc += tl.dot(tl.where(ks[None, :] >= offs_m[:, None], w, 0.0).to(dyk.dtype), dyk)
+        mt = tl.dot(xm, tl.trans(dyk)) * tl.where(ks[None, :] > offs_m[:, None], w, 0.0) * dt_m[:, None]
+        out_sums += tl.sum(mt, axis=1)
+        tl.store(sums_ptr + pid_m * slot + chunk_q + ks, tl.sum(mt, axis=0), mask=in_k)
+    tl.store(sums_ptr + m_tiles * slot + chunk_q + offs_m, out_sums, mask=offs_m < Q)
 
-    dt_m = tl.load(dt_ptr + b * s_dt_b + h * s_dt_h + c * s_dt_c + offs_m * s_dt_q, mask=in_m, other=0.0)
-    xm = tl.load(x_ptr + b * s_x_b + t0 * s_x_t + h * s_x_h + offs_m[:, None] * s_x_t + offs_p[None, :] * s_x_p,
-                 mask=io_mask, other=0.0).to(tl.float32)
-    # dt's (b, H, nchunks, Q), contiguous; zero past the end, as the cumsum's backward reads the whole chunk
-    ddt_q = ((b * tl.num_programs(1) + h) * nchunks + c) * Q + offs_m
-    tl.store(ddt_ptr + ddt_q, tl.sum(acc * xm, axis=1), mask=offs_m < Q)
-    dx = acc * dt_m.to(tl.float32)[:, None]
+    xm = xm.to(tl.float32)
+    # zero past the end, as the cumsum's backward reads the whole chunk
+    tl.store(ddt_ptr + chunk_q + offs_m, tl.sum(acc * xm, axis=1), mask=offs_m < Q)
+    dx = acc * dt_m[:, None]
     if HAS_D:
         dym = tl.load(dy_base + offs_m[:, None] * s_dy_t + offs_p[None, :] * s_dy_p, mask=io_mask, other=0.0)
         dym = dym.to(tl.float32)
@@ -199,20 +213,28 @@ def chunk_scan_fwd(cb: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, dA_cumsu
 
 def chunk_scan_bwd_dx(x: torch.Tensor, dt: torch.Tensor, dA_cumsum: torch.Tensor, B: torch.Tensor, cb: torch.Tensor,
                       dy: torch.Tensor, dstates: torch.Tensor, D: torch.Tensor | None, seq_idx: torch.Tensor,
-                      dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The gradients of y and of the states each chunk passes on, with respect to x, dt (dA held) and D.
+                      dx: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradients of y and of the states each chunk passes on, with respect to x, dt (dA held), dA's
+    increments through the chunk scan (dA's cumsum is of dt A), and D.
 
     dstates (b, nchunks, H, P, N) is the gradient of the chunk's own contribution to the state it passes on.
-    Returns dx (into ``dx`` when given: any strides), ddt (fp32, dt's shape) and dD (D's dtype, or None).
+    Returns dx (into ``dx`` when given: any strides), ddt and ddA (fp32, dt's shape) and dD (D's dtype, or
+    None). ddA is what mamba_ssm's ``_chunk_scan_bwd_ddAcs_stable`` returns: with M[k, m] the fp32 terms
+    of the scan's output sums (for k > m, in the kernel), the increment at i moves every pair k >= i > m,
+    so ddA[i] = sum over m < i of (sum_k M[k, m] - sum_k' M[m, k']): column sums less row sums.
     """
     batch, T, H, P, nchunks, Q, G, N = _shapes(x, dt, B, cb, seq_idx)
     assert dy.shape == x.shape and dstates.shape == (batch, nchunks, H, P, N)
     m_tiles = triton.cdiv(Q, DX_CONFIG[0])
     dx = torch.empty_like(x) if dx is None else dx
     ddt = torch.empty(batch, H, nchunks, Q, device=x.device, dtype=torch.float32)
+    sums = torch.zeros(m_tiles + 1, batch, H, nchunks, Q, device=x.device, dtype=torch.float32)  # row sums by tile
     dD = torch.empty(batch * nchunks * m_tiles, H, device=x.device, dtype=torch.float32) if D is not None else None
     _launch(_ssd_scan_bwd_dx_kernel, DX_CONFIG, x, nchunks, Q, N,
-            cb, x, dt, dA_cumsum, B, dstates, D, seq_idx, dy, dx, ddt, dD, T, Q, P, N, nchunks, H // G, m_tiles,
+            cb, x, dt, dA_cumsum, B, dstates, D, seq_idx, dy, dx, ddt, sums, dD, T, Q, P, N, nchunks, H // G, m_tiles,
             *cb.stride(), *x.stride(), *dt.stride(), *dA_cumsum.stride(), *B.stride(), *dstates.stride(),
             *seq_idx.stride(), *dy.stride(), *dx.stride(), has_d=D is not None)
-    return dx, ddt, dD.sum(0).to(D.dtype) if D is not None else None
+    net = sums[-1] - sums[:-1].sum(0)  # column sums less row sums, by position
+    ddA = F.pad(net[..., :-1].cumsum(-1), (1, 0))
+    return dx, ddt, ddA, dD.sum(0).to(D.dtype) if D is not None else None
