@@ -40,7 +40,7 @@ from hnet.modules.dynamic_chunking import forced_boundaries  # noqa: E402
 from hnet.ops.attention import packed_attention  # noqa: E402
 from hnet.ops.conv import causal_conv1d  # noqa: E402
 from hnet.ops.norm import gated_rms_norm, rms_norm  # noqa: E402
-from hnet.ops.ssd import ssd_scan  # noqa: E402
+from hnet.ops.ssd import ema_scan, ssd_scan  # noqa: E402
 from hnet_titan.parallelize import apply_compile, set_tf32  # noqa: E402
 
 REFERENCE = {"ssd": "torch", "conv": "torch", "attention": "sdpa", "norm": "torch"}
@@ -93,6 +93,9 @@ def check_ops(docs: int, doc_len: int) -> dict[str, dict[str, float]]:
         "ssd (mamba_ssm triton)": run_both(
             lambda x, dt, B, C: ssd_scan(x, dt, A, B, C, chunk_size=256, seq_idx=seq_idx, dt_softplus=True),
             [rnd(T, H, P), rnd(T, H, scale=0.5) - 2, rnd(T, 1, N), rnd(T, 1, N)], FAST,
+        ),
+        "dechunk EMA (triton)": run_both(  # the router's probabilities are fp32 in the model
+            lambda x, q: ema_scan(x, torch.sigmoid(q.float()), seq_idx), [rnd(T, 1536), rnd(T)], FAST,
         ),
         "causal conv (causal_conv1d)": run_both(
             lambda x, w, b: causal_conv1d(x, w, b, seq_idx), [rnd(T, 2304), rnd(2304, 4, scale=0.5), rnd(2304)], FAST

@@ -149,6 +149,33 @@ def test_chunk_keeps_boundaries_and_counts_per_document():
     assert all(c >= 1 for c in counts)  # every document starts with a boundary
 
 
+_EMA_CHECK = """
+import torch
+from hnet.ops import ema_scan, ema_triton
+ema_triton.CONFIG = (8, 64, 1)  # several position blocks and channel blocks, a partial last one of each
+lengths = [1, 10, 3, 20, 11]  # a one-position document, documents across block edges
+seq = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))
+g = torch.Generator().manual_seed(0)
+n, d = sum(lengths), 96  # the reference's heads are 32 channels wide
+x = torch.randn(n, d + 3, generator=g)[:, 1 : 1 + d]  # rows strided
+p = torch.rand(n, generator=g) * 0.98 + 0.01
+dh = torch.randn(n, d, generator=g)
+leaves = [t.clone().requires_grad_() for t in (x, p)]
+ref = ema_scan(*leaves, seq)  # the SSD reference on the CPU
+expected = torch.autograd.grad(ref, leaves, dh)
+ours_leaves = [t.clone().requires_grad_() for t in (x, p)]
+h = ema_triton.EmaScan.apply(*ours_leaves, seq)
+torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-5)
+for ours, want in zip(torch.autograd.grad(h, ours_leaves, dh), expected):
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+"""
+
+
+def test_ema_kernels_match_reference():
+    """hnet.ops.ema_triton (the CUDA path's dechunk EMA) in Triton's interpreter, against the SSD reference."""
+    run_in_triton_interpreter(_EMA_CHECK)
+
+
 # ---- causal conv ---------------------------------------------------------------------------------
 
 

@@ -2,8 +2,8 @@
 
 Routing: p[t] = clamp((1 - cos(q(h[t-1]), k(h[t]))) / 2, 0, 1), p = 1 at every document start,
 boundary b[t] = p[t] > 0.5. Dechunk: an EMA over chunks z = P x + (1 - P) z_prev with P the clamped
-boundary probability, reset per document, computed as an SSD scan; every byte then takes the EMA of
-its latest chunk.
+boundary probability, reset per document (``hnet.ops.ssd.ema_scan``); every byte then takes the EMA
+of its latest chunk.
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ from torch import nn
 from torch.utils._pytree import register_dataclass
 
 from hnet.modules.packing import PackedSeq
-from hnet.ops import ssd_scan
-
-DECHUNK_HEADDIM = 32
-DECHUNK_CHUNK_SIZE = 256
+from hnet.ops import ema_scan
 
 
 @dataclass
@@ -132,15 +129,7 @@ def chunk(hidden: torch.Tensor, router: RouterOutput, seq: PackedSeq) -> tuple[t
 def dechunk(chunks: torch.Tensor, router: RouterOutput, layout: ChunkLayout) -> torch.Tensor:
     """EMA over the chunk sequence, then plugged back so each byte gets the EMA of its latest chunk."""
     P = router.boundary_prob.index_select(0, layout.positions).float().clamp(1e-4, 1 - 1e-4)
-    n, d = chunks.shape
-    heads = d // DECHUNK_HEADDIM
-    dt = torch.log(1 / (1 - P))
-    x = (chunks.float() / dt[:, None]).view(n, heads, DECHUNK_HEADDIM)
-    ema = ssd_scan(
-        x, dt[:, None].expand(n, heads), -torch.ones(heads, device=chunks.device),
-        P.view(n, 1, 1), torch.ones(n, 1, 1, device=chunks.device),
-        chunk_size=DECHUNK_CHUNK_SIZE, seq_idx=layout.seq.seq_idx,
-    ).view(n, d)
+    ema = ema_scan(chunks, P, layout.seq.seq_idx)
     return ema.index_select(0, layout.latest).to(chunks.dtype)
 
 

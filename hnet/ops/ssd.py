@@ -44,6 +44,37 @@ def _ssd_triton(x, dt, A, B, C, chunk_size, seq_idx, D, dt_bias, dt_softplus):
     return y[0]
 
 
+# The dechunk EMA as an SSD scan: heads of 32 channels, chunks of 256 positions (the reference H-Net's).
+EMA_HEADDIM = 32
+EMA_CHUNK_SIZE = 256
+
+
+def ema_scan(x: torch.Tensor, p: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+    """h[t] = (1 - p[t]) h[t-1] + p[t] x[t], from zero at each document: (n, d), (n,) fp32, (n,) int32 -> fp32.
+
+    It is the scan above with one state per channel: dt = log(1 / (1 - p)), A = -1, B = p, C = 1 and
+    the input x / dt. The reference runs that; the Triton backend runs the recurrence itself
+    (``hnet.ops.ema_triton``), as mamba_ssm's chunked kernels cost far more than it needs.
+    """
+    if resolve("ssd", x.device) == "triton":
+        return _ema_triton(x, p.float(), seq_idx)
+    n, d = x.shape
+    heads = d // EMA_HEADDIM
+    dt = torch.log(1 / (1 - p))
+    return ssd_scan_reference(
+        (x.float() / dt[:, None]).view(n, heads, EMA_HEADDIM), dt[:, None].expand(n, heads),
+        -torch.ones(heads, device=x.device), p.view(n, 1, 1), torch.ones(n, 1, 1, device=x.device),
+        chunk_size=EMA_CHUNK_SIZE, seq_idx=seq_idx,
+    ).view(n, d)
+
+
+@torch.compiler.disable  # an autograd.Function around Triton launches, as _ssd_triton
+def _ema_triton(x, p, seq_idx):
+    from hnet.ops.ema_triton import EmaScan
+
+    return EmaScan.apply(x, p, seq_idx)
+
+
 # Eager even inside compiled blocks: its Python control flow follows the data (host syncs, loops
 # over chunks or documents), so a compiled version would recompile for every new layout.
 @torch.compiler.disable

@@ -15,7 +15,7 @@ Layouts are mamba_ssm's (2.x): x and y (b, T, H, P); dt and its cumsum dA (b, H,
 fp32; seq_idx (b, T) int32. The arithmetic follows the library's: fp32 accumulation, the decayed C.B and
 the states rounded to x's dtype for the tensor cores, dA's gradient from fp32 terms (rounding the decayed
 C.B there cancels badly: change 28). The kernels' names differ from the library's, which
-the dechunk scan still launches, so that profiles tell them apart.
+``hnet.ops.ssd.ssd_scan`` still launches, so that profiles tell them apart.
 """
 
 from __future__ import annotations
