@@ -261,7 +261,8 @@ def profile_step(step, device: torch.device, trace: str = "") -> tuple[dict[str,
     classes: dict[str, float] = {}
     kernels: dict[str, float] = {}
     for event in prof.events():
-        if event.device_type != kind or event.is_async:
+        # On the GPU a user annotation (the optimizer's step, for one) spans kernels counted on their own.
+        if event.device_type != kind or event.is_async or (cuda and event.is_user_annotation):
             continue
         ms = (event.device_time_total if cuda else event.self_cpu_time_total) / 1e3
         cls = op_class(event.name)
