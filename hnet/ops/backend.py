@@ -11,6 +11,7 @@ between compiled graphs), except PyTorch's varlen attention, a custom op that co
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 
@@ -27,6 +28,12 @@ BACKENDS: dict[str, tuple[str, dict[str, str | None]]] = {
 }
 _forced: dict[str, str] = {op: "auto" for op in BACKENDS}
 _last: dict[tuple[str, str], str] = {}  # (op, device type) -> backend of the latest eager call, for logging
+
+
+def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``t``'s (nothing to do for CPU tensors, as in
+    Triton's interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 class BackendError(ValueError):

@@ -9,11 +9,11 @@ it came from. Weight and bias gradients are reduced per program, then summed: de
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from hnet.ops.backend import launch_device
 
 WIDTH = 4  # Mamba2's d_conv in every released H-Net
 # Chosen on an H100 at 65,536 rows x 2,304 channels (docs/performance.md, change 26).
@@ -110,7 +110,7 @@ def causal_conv1d_silu_bwd(
     programs = triton.cdiv(T, ROWS)
     dw = torch.empty(programs, WIDTH, C, device=x.device, dtype=torch.float32)
     db = torch.empty(programs, C, device=x.device, dtype=torch.float32)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
+    with launch_device(x):
         _conv_silu_bwd_kernel[(programs, triton.cdiv(C, BLOCK_C))](
             x, weight, bias, dy, seq_idx, dx, dw, db,
             T, C, x.stride(0), weight.stride(0), dy.stride(0), dx.stride(0),

@@ -13,11 +13,11 @@ EMA comes out in fp32.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from hnet.ops.backend import launch_device
 
 # (BLOCK_T positions per step, BLOCK_C channels per program, warps), chosen on an H100 at 10,923
 # positions x 1,536 channels (docs/performance.md, change 31).
@@ -28,6 +28,13 @@ CONFIG = (256, 8, 4)
 def _compose(a1, b1, a2, b2):
     """The map h -> a2 (a1 h + b1) + b2: (a1, b1) first."""
     return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _continues(seq_ptr, offs, n):
+    """Whether each position in ``offs`` is in the document of the position before it (False past the end)."""
+    seq = tl.load(seq_ptr + offs, mask=offs < n, other=-1)
+    return seq == tl.load(seq_ptr + offs - 1, mask=(offs < n) & (offs > 0), other=-2)
 
 
 @triton.jit
@@ -45,9 +52,7 @@ def _ema_fwd_kernel(x_ptr, p_ptr, seq_ptr, h_ptr, n, d, s_x, s_h,
         offs_t = t0 + tl.arange(0, BLOCK_T)
         in_t = offs_t < n
         p = tl.load(p_ptr + offs_t, mask=in_t, other=0.0)
-        seq = tl.load(seq_ptr + offs_t, mask=in_t, other=-1)
-        seq_prev = tl.load(seq_ptr + offs_t - 1, mask=in_t & (offs_t > 0), other=-2)
-        keep = tl.where(seq == seq_prev, 1.0 - p, 0.0)  # nothing carried into a document's first position
+        keep = tl.where(_continues(seq_ptr, offs_t, n), 1.0 - p, 0.0)  # nothing carried into a document's start
         mask = in_t[:, None] & in_c[None, :]
         x = tl.load(x_ptr + offs_t[:, None] * s_x + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
         a, b = tl.associative_scan((tl.broadcast_to(keep[:, None], [BLOCK_T, BLOCK_C]), p[:, None] * x), 0, _compose)
@@ -69,10 +74,8 @@ def _ema_bwd_kernel(x_ptr, p_ptr, seq_ptr, h_ptr, dh_ptr, dx_ptr, dp_ptr, n, d, 
     for i in range(0, blocks):
         offs_t = (blocks - i) * BLOCK_T - 1 - tl.arange(0, BLOCK_T)  # descending
         in_t = offs_t < n
-        seq = tl.load(seq_ptr + offs_t, mask=in_t, other=-1)
-        seq_next = tl.load(seq_ptr + offs_t + 1, mask=offs_t + 1 < n, other=-2)
         p_next = tl.load(p_ptr + offs_t + 1, mask=offs_t + 1 < n, other=0.0)
-        keep = tl.where(seq == seq_next, 1.0 - p_next, 0.0)
+        keep = tl.where(_continues(seq_ptr, offs_t + 1, n), 1.0 - p_next, 0.0)
         mask = in_t[:, None] & in_c[None, :]
         dh = tl.load(dh_ptr + offs_t[:, None] * s_dh + offs_c[None, :], mask=mask, other=0.0)
         a, b = tl.associative_scan((tl.broadcast_to(keep[:, None], [BLOCK_T, BLOCK_C]), dh), 0, _compose)
@@ -80,10 +83,9 @@ def _ema_bwd_kernel(x_ptr, p_ptr, seq_ptr, h_ptr, dh_ptr, dx_ptr, dp_ptr, n, d, 
         state = _last_row(g, BLOCK_T)
 
         p = tl.load(p_ptr + offs_t, mask=in_t, other=0.0)
-        seq_prev = tl.load(seq_ptr + offs_t - 1, mask=in_t & (offs_t > 0), other=-2)
         x = tl.load(x_ptr + offs_t[:, None] * s_x + offs_c[None, :], mask=mask, other=0.0)
         h_prev = tl.load(h_ptr + (offs_t - 1)[:, None] * s_h + offs_c[None, :],
-                         mask=mask & (seq == seq_prev)[:, None], other=0.0)
+                         mask=mask & _continues(seq_ptr, offs_t, n)[:, None], other=0.0)
         tl.store(dx_ptr + offs_t[:, None] * s_dx + offs_c[None, :], (p[:, None] * g).to(dx_ptr.dtype.element_ty),
                  mask=mask)
         tl.store(dp_ptr + pid * n + offs_t, tl.sum(g * (x.to(tl.float32) - h_prev), axis=1), mask=in_t)
@@ -91,7 +93,7 @@ def _ema_bwd_kernel(x_ptr, p_ptr, seq_ptr, h_ptr, dh_ptr, dx_ptr, dp_ptr, n, d, 
 
 def _launch(kernel, x: torch.Tensor, *args) -> None:
     block_t, block_c, warps = CONFIG
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
+    with launch_device(x):
         kernel[(triton.cdiv(x.shape[1], block_c),)](*args, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
 
 

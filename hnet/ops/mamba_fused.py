@@ -34,6 +34,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from hnet.ops.backend import launch_device
+
 logger = logging.getLogger("hnet.ops")
 
 
@@ -132,7 +134,7 @@ def _gated_norm_bwd(k: SimpleNamespace, dy, y, weight, eps: float, rstd, z, dz, 
     programs = 2 * math.ceil(sms * math.ceil(4 / warps) / ngroups)
     dx, out = torch.empty_like(y), torch.empty_like(y)
     dw = torch.empty(programs, N, device=y.device, dtype=torch.float32)  # per-program partial sums
-    with torch.cuda.device(y.device):  # Triton launches on the current device
+    with launch_device(y):
         k.norm_bwd_kernel[(programs, ngroups)](
             y, weight, None, z, out, dy, dx, dw, None, dz, None, rstd,
             y.stride(0), z.stride(0), out.stride(0), dy.stride(0), dx.stride(0), dz.stride(0), dw.stride(0), 0,

@@ -56,8 +56,9 @@ def ema_scan(x: torch.Tensor, p: torch.Tensor, seq_idx: torch.Tensor) -> torch.T
     the input x / dt. The reference runs that; the Triton backend runs the recurrence itself
     (``hnet.ops.ema_triton``), as mamba_ssm's chunked kernels cost far more than it needs.
     """
+    p = p.float()
     if resolve("ssd", x.device) == "triton":
-        return _ema_triton(x, p.float(), seq_idx)
+        return _ema_triton(x, p, seq_idx)
     n, d = x.shape
     heads = d // EMA_HEADDIM
     dt = torch.log(1 / (1 - p))

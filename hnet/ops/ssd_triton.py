@@ -20,12 +20,12 @@ C.B there cancels badly: change 28). The kernels' names differ from the library'
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from hnet.ops.backend import launch_device
 
 # (BLOCK_M, BLOCK_K, warps, stages), chosen on an H100 at 65,536 positions, 32 heads x 64, N 128
 # (docs/performance.md, change 27).
@@ -183,7 +183,7 @@ def _launch(kernel, config: tuple[int, int, int, int], x: torch.Tensor, nchunks:
     """One program per (row tile, head, batch row and chunk): a chunk's heads run together."""
     batch, _, H, P = x.shape
     block_m, block_k, warps, stages = config
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
+    with launch_device(x):
         kernel[(triton.cdiv(Q, block_m), H, batch * nchunks)](
             *args, HAS_D=has_d, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_P=max(triton.next_power_of_2(P), 16),
             BLOCK_N=max(triton.next_power_of_2(N), 16), num_warps=warps, num_stages=stages,
