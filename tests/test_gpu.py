@@ -41,17 +41,12 @@ def test_model_fast_path_matches_reference(check_kernels, flavor, trained):
     assert (b["ssd"], b["conv"], b["norm"]) == ("triton", "cuda", "triton") and b["attention"] in ("varlen", "flash_attn")
 
 
-@pytest.mark.parametrize("ngroups", [1, 2])  # 1: kernels launched heads first; 2: in the library's order
-def test_split_conv_scan_keeping_states_matches_mamba_ssm(ngroups):
-    """hnet.ops.mamba_fused (chunk states saved) == mamba_ssm's split-conv-scan (recomputed), forward and backward."""
-    from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
-
-    from hnet.ops import mamba_fused
-
-    assert mamba_fused.available()
+def _split_conv_scan_case(ngroups: int):
+    """A Mamba2 layer's inputs (documents of odd lengths, one of a single position) and a runner that returns
+    the output and every input's gradient for a function of them."""
     torch.manual_seed(0)
     dev, bf16 = torch.device("cuda"), torch.bfloat16
-    T, d, nheads, headdim, dstate, chunk = 3000, 256, 8, 64, 128, 256  # T not a multiple of chunk
+    T, d, nheads, headdim, dstate = 3000, 256, 8, 64, 128  # T not a multiple of the chunk
     dim, conv_dim = nheads * headdim, nheads * headdim + 2 * ngroups * dstate
     params = {
         "zxbcdt": torch.randn(T, dim + conv_dim + nheads, device=dev, dtype=bf16),
@@ -61,7 +56,7 @@ def test_split_conv_scan_keeping_states_matches_mamba_ssm(ngroups):
         "D": torch.ones(nheads, device=dev), "norm_w": torch.rand(dim, device=dev, dtype=bf16) + 0.5,
         "outproj_w": torch.randn(d, dim, device=dev, dtype=bf16) / dim**0.5,
     }
-    lengths = torch.tensor([700, 1, 299, 1500, 500])  # documents, one of a single position
+    lengths = torch.tensor([700, 1, 299, 1500, 500])
     seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(dev, torch.int32)
     dout = torch.randn(T, d, device=dev, dtype=bf16)
 
@@ -71,13 +66,55 @@ def test_split_conv_scan_keeping_states_matches_mamba_ssm(ngroups):
         out.backward(dout)
         return [out] + [leaves[k].grad for k in params]
 
-    ours = run(lambda p: mamba_fused.SplitConvScan.apply(
-        *p.values(), seq_idx[None], chunk, ngroups, 1e-5, False))
-    theirs = run(lambda p: mamba_split_conv1d_scan_combined(
-        p["zxbcdt"][None], p["conv_w"], p["conv_b"], p["dt_bias"], p["A"], p["D"], chunk, seq_idx=seq_idx[None],
-        activation="silu", rmsnorm_weight=p["norm_w"], rmsnorm_eps=1e-5, outproj_weight=p["outproj_w"],
-        headdim=headdim, ngroups=ngroups, norm_before_gate=False)[0])
-    for name, a, b in zip(["out", *params], ours, theirs):
+    return params, seq_idx, headdim, run
+
+
+def _assert_close(names, ours, theirs) -> None:
+    for name, a, b in zip(names, ours, theirs):
         err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
         print(name, err)  # shown by -rP
         assert err < 1e-3, (name, err)
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])  # 1: kernels launched heads first; 2: in the library's order
+def test_split_conv_scan_keeping_states_matches_mamba_ssm(ngroups):
+    """hnet.ops.mamba_fused (chunk states saved) == mamba_ssm's split-conv-scan (recomputed), forward and backward."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+
+    from hnet.ops import mamba_fused
+
+    assert mamba_fused.available()
+    params, seq_idx, headdim, run = _split_conv_scan_case(ngroups)
+    ours = run(lambda p: mamba_fused.SplitConvScan.apply(*p.values(), seq_idx[None], 256, ngroups, 1e-5, False))
+    theirs = run(lambda p: mamba_split_conv1d_scan_combined(
+        p["zxbcdt"][None], p["conv_w"], p["conv_b"], p["dt_bias"], p["A"], p["D"], 256, seq_idx=seq_idx[None],
+        activation="silu", rmsnorm_weight=p["norm_w"], rmsnorm_eps=1e-5, outproj_weight=p["outproj_w"],
+        headdim=headdim, ngroups=ngroups, norm_before_gate=False)[0])
+    _assert_close(["out", *params], ours, theirs)
+
+
+def test_tuned_launch_matches_the_autotuner():
+    """mamba_ssm's kernels launched past Triton's autotuner (hnet.ops.tuned_launch) == launched through it."""
+    from hnet.ops import mamba_fused, tuned_launch
+
+    assert mamba_fused.available()  # installs the tuned launches
+    modules = [importlib.import_module(f"mamba_ssm.ops.triton.{m}") for m in tuned_launch.MAMBA_SSM_MODULES]
+    tuned = {(m, name): k for m in modules for name, k in vars(m).items() if isinstance(k, tuned_launch.TunedKernel)}
+    assert len(tuned) >= 11
+    params, seq_idx, _, run = _split_conv_scan_case(1)
+    layer = lambda p: mamba_fused.SplitConvScan.apply(*p.values(), seq_idx[None], 256, 1, 1e-5, False)  # noqa: E731
+    run(layer)  # keys seen once: later launches skip the autotuner
+    tuner_calls = []
+    for k in tuned.values():
+        k.tuner.run = lambda *a, _run=k.tuner.run, **kw: tuner_calls.append(1) or _run(*a, **kw)
+    try:
+        fast = run(layer)
+        assert not tuner_calls
+        for (m, name), k in tuned.items():
+            setattr(m, name, k.tuner)
+        reference = run(layer)
+    finally:
+        for (m, name), k in tuned.items():
+            setattr(m, name, k)
+            del k.tuner.run
+    _assert_close(["out", *params], fast, reference)

@@ -454,3 +454,48 @@ def test_compiled_code_resolves_without_logging(restore_backends, monkeypatch):
 
     assert pick(torch.zeros(2)).tolist() == [1.0, 1.0]
     assert backend._last == {}
+
+
+class _StubConfig:
+    def __init__(self, block: int, hook):
+        self.block, self.pre_hook = block, hook
+
+    def all_kwargs(self) -> dict:
+        return {"BLOCK": self.block}
+
+
+class _StubTuner:
+    """The part of Triton's Autotuner that TunedKernel uses: picks BLOCK 8 for n > 4, else 4."""
+
+    arg_names, keys = ["x_ptr", "acc_ptr", "n"], ["n"]
+
+    def __init__(self):
+        self.tuned, self.launched, self.zeroed = [], [], []
+        self.fn = type("Fn", (), {"run": lambda _, *a, **kw: self.launched.append((a, kw))})()
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.tuned.append(args)
+        hook = lambda nargs: self.zeroed.append(nargs["acc_ptr"])  # noqa: E731
+        self.best_config = _StubConfig(8 if args[2] > 4 else 4, hook)
+
+
+def test_tuned_kernel_launches_the_tuners_choice_per_key():
+    """The autotuner sees each new key once; later launches get its config and its pre-hook."""
+    from hnet.ops.tuned_launch import TunedKernel
+
+    tuner = _StubTuner()
+    kernel = TunedKernel(tuner)
+    x32, x16, acc = torch.zeros(3), torch.zeros(3, dtype=torch.float16), torch.zeros(1)
+    kernel["grid"](x32, acc, 10)
+    kernel["grid"](x32, acc, 10)
+    kernel["grid"](x32, acc, n=10)  # the key argument by name: the same key
+    assert len(tuner.tuned) == 1 and len(tuner.launched) == 2
+    assert all(kw == {"grid": "grid", "warmup": False, "BLOCK": 8} | ({"n": 10} if "n" in kw else {})
+               for _, kw in tuner.launched)
+    assert tuner.zeroed == [acc, acc]  # the chosen config's pre-hook, with the arguments by name
+    kernel["grid"](x32, acc, 3)  # another key value, another dtype: back to the tuner
+    kernel["grid"](x16, acc, 10)
+    assert len(tuner.tuned) == 3
+    kernel["grid"](x32, acc, 3)
+    assert tuner.launched[-1][1]["BLOCK"] == 4
+    assert kernel.best_config.block == 4 and kernel.keys == ["n"]  # the latest launch's config; the tuner's attributes

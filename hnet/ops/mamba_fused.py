@@ -21,7 +21,8 @@ The conv's backward is ours (``hnet.ops.conv_triton``): causal_conv1d's runs at 
 bandwidth (change 26).
 
 Uses mamba_ssm's internal kernel wrappers (2.x layout); where they are missing, callers fall back to
-the library's public function (``available()``).
+the library's public function (``available()``). Their autotuned kernels launch past Triton's
+per-call autotuner bookkeeping once tuned (``hnet.ops.tuned_launch``).
 """
 
 from __future__ import annotations
@@ -56,8 +57,11 @@ def _kernels() -> SimpleNamespace:
     from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
 
     from hnet.ops import conv_triton, ssd_triton
+    from hnet.ops.tuned_launch import install_mamba_ssm
     from mamba_ssm.ops.triton import layernorm_gated, ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing
     from mamba_ssm.ops.triton.ssd_combined import ensure_stride
+
+    install_mamba_ssm()
 
     return SimpleNamespace(
         conv_fwd=causal_conv1d_fwd_function, conv_bwd=conv_triton.causal_conv1d_silu_bwd, conv_width=conv_triton.WIDTH,

@@ -37,8 +37,10 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
 # mamba_ssm's Triton norms are autograd.Functions that dynamo cannot trace: opaque when forced under compile.
 @torch.compiler.disable
 def _rms_norm_triton(x, weight, eps, residual, prenorm):
+    from hnet.ops.tuned_launch import install_mamba_ssm
     from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
 
+    install_mamba_ssm()
     return rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=prenorm, residual_in_fp32=True)
 
 

@@ -35,8 +35,10 @@ def ssd_scan(
 
 @torch.compiler.disable  # an autograd.Function around Triton launches: opaque to dynamo (see hnet.ops.backend)
 def _ssd_triton(x, dt, A, B, C, chunk_size, seq_idx, D, dt_bias, dt_softplus):
+    from hnet.ops.tuned_launch import install_mamba_ssm
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
+    install_mamba_ssm()
     y = mamba_chunk_scan_combined(
         x[None], dt[None], A, B[None], C[None], chunk_size,
         D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, seq_idx=seq_idx[None],
