@@ -217,7 +217,7 @@ def _patch_index(tensor, scope):
 interpreter._patch_lang_tensor = _patch_index
 """
 
-_CONV_BWD_CHECK = """
+_CONV_CHECK = """
 import torch
 from hnet.ops import conv_triton
 from hnet.ops.conv import causal_conv1d_reference
@@ -233,12 +233,16 @@ expected = torch.autograd.grad(causal_conv1d_reference(*leaves, seq), leaves, dy
 dx = torch.full((T, C + 5), float("nan"))[:, 5:]  # written in place, every element
 for ours, ref in zip(conv_triton.causal_conv1d_silu_bwd(x, weight, bias, dy, seq, dx=dx), expected):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+conv_triton.FWD_CONFIG = (8, 16, 1)
+for b in (bias, None):
+    ref = causal_conv1d_reference(x, weight, b, seq)
+    torch.testing.assert_close(conv_triton.causal_conv1d_silu_fwd(x, weight, b, seq), ref, rtol=1e-5, atol=1e-5)
 """
 
 
-def test_conv_backward_kernel_matches_reference():
-    """hnet.ops.conv_triton (the CUDA path's conv backward) in Triton's interpreter, against autograd."""
-    run_in_triton_interpreter(_CONV_BWD_CHECK)
+def test_conv_kernels_match_reference():
+    """hnet.ops.conv_triton (the CUDA path's conv) in Triton's interpreter, against the reference and autograd."""
+    run_in_triton_interpreter(_CONV_CHECK)
 
 
 _SSD_KERNELS_CHECK = """

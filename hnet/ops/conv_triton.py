@@ -1,10 +1,14 @@
-"""Backward of SiLU(causal depthwise conv, width 4) over packed documents, in Triton.
+"""SiLU(causal depthwise conv, width 4) over packed documents, forward and backward, in Triton.
 
-causal_conv1d's channel-last backward runs at a third of an H100's memory bandwidth with 12% occupancy
-(docs/performance.md, change 22). Here each program owns a block of channels and a run of rows and walks
-the rows in order, keeping the last three inputs and pre-activation gradients in registers: every row's
-gradient is computed once (plus three rows of overlap with the next run) and feeds the four input rows
-it came from. Weight and bias gradients are reduced per program, then summed: deterministic.
+Backward: causal_conv1d's channel-last backward runs at a third of an H100's memory bandwidth with 12%
+occupancy (docs/performance.md, change 22). Here each program owns a block of channels and a run of rows
+and walks the rows in order, keeping the last three inputs and pre-activation gradients in registers:
+every row's gradient is computed once (plus three rows of overlap with the next run) and feeds the four
+input rows it came from. Weight and bias gradients are reduced per program, then summed: deterministic.
+
+Forward: one program per tile of rows and channels reads its rows and the three before them (four
+shifted loads, three of them cache hits), so the input is read from memory about once and the output
+written once (docs/performance.md, change 34).
 """
 
 from __future__ import annotations
@@ -16,8 +20,32 @@ import triton.language as tl
 from hnet.ops.backend import launch_device
 
 WIDTH = 4  # Mamba2's d_conv in every released H-Net
-# Chosen on an H100 at 65,536 rows x 2,304 channels (docs/performance.md, change 26).
+# Chosen on an H100 at 65,536 rows x 2,304 channels (docs/performance.md, changes 26 and 34).
 ROWS, BLOCK_C, WARPS, STAGES = 64, 128, 2, 1
+FWD_CONFIG = (32, 128, 4)  # rows, channels, warps per forward program
+
+
+@triton.jit
+def _conv_silu_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, seq_ptr, out_ptr, T, C, stride_x, stride_w, stride_out,
+    HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, WIDTH: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask, cmask = rows < T, cols < C
+    doc = tl.load(seq_ptr + rows, mask=rmask, other=-1)
+    pre = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    if HAS_BIAS:
+        pre += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(WIDTH):  # tap j reads row t - (WIDTH - 1 - j), zero from an earlier document
+        src = rows - (WIDTH - 1 - j)
+        same = rmask & (src >= 0) & (tl.load(seq_ptr + src, mask=rmask & (src >= 0), other=-2) == doc)
+        x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=same[:, None] & cmask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols * stride_w + j, mask=cmask, other=0.0).to(tl.float32)
+        pre += x.to(tl.float32) * w[None, :]
+    out = pre / (1.0 + tl.exp(-pre))
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -94,6 +122,22 @@ def _conv_silu_bwd_kernel(
     tl.store(base + 2 * C, dw2, mask=cmask)
     tl.store(base + 3 * C, dw3, mask=cmask)
     tl.store(db_ptr + pid_t * C + cols, db, mask=cmask)
+
+
+def causal_conv1d_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           seq_idx: torch.Tensor) -> torch.Tensor:
+    """x (T, C) with unit channel stride (any row stride), weight (C, 4), seq_idx (T,) int32 -> SiLU(conv(x)),
+    (T, C) contiguous in x's dtype."""
+    T, C = x.shape
+    assert weight.shape == (C, WIDTH) and x.stride(1) == weight.stride(1) == 1
+    out = torch.empty(T, C, device=x.device, dtype=x.dtype)
+    rows, block_c, warps = FWD_CONFIG
+    with launch_device(x):
+        _conv_silu_fwd_kernel[(triton.cdiv(T, rows), triton.cdiv(C, block_c))](
+            x, weight, bias, seq_idx, out, T, C, x.stride(0), weight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_T=rows, BLOCK_C=block_c, WIDTH=WIDTH, num_warps=warps,
+        )
+    return out
 
 
 def causal_conv1d_silu_bwd(
