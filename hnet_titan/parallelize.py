@@ -25,6 +25,7 @@ import warnings
 from datetime import timedelta
 
 import torch
+import torch._inductor.config
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
@@ -233,6 +234,11 @@ def apply_activation_checkpointing(
 
 
 RECOMPILES_PER_KIND = 8  # graphs one kind of block may need: length ranges, views or not, ...
+# Inductor computes a norm's weight gradient in the pass that gives its input gradient, as partial sums
+# over runs of rows that an eager sum then adds up. Its default run at the 1stage_L main network's
+# 10,923 rows is 16: 683 partials per norm, 1 ms of eager sums per step. Runs of 64 take 0.9 ms of
+# kernels off that step (docs/performance.md, change 35). A value the user set is kept.
+NORM_GRAD_ROWS = 64
 
 
 def block_kinds(model: HNetForCausalLM) -> set[tuple]:
@@ -257,6 +263,9 @@ def apply_compile(model: HNetForCausalLM, dynamic: bool) -> None:
     """
     limit = RECOMPILES_PER_KIND * len(block_kinds(model))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    inductor = torch._inductor.config.triton
+    if getattr(inductor, "mix_order_reduction_split_size", 0) is None:  # torch >= 2.10, and not set by the user
+        inductor.mix_order_reduction_split_size = NORM_GRAD_ROWS
     for block in all_blocks(model):
         block.compile(dynamic=dynamic)
     for stage in model.stages()[:-1]:  # the elementwise work between the networks

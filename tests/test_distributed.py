@@ -33,6 +33,7 @@ from hnet_titan.config import ConfigError, JobConfig, Parallelism
 from hnet_titan.data import build_dataloader
 from hnet_titan.losses import cross_entropy_sum, ratio_loss
 from hnet_titan.parallelize import (
+    NORM_GRAD_ROWS,
     apply_activation_checkpointing,
     apply_compile,
     block_kinds,
@@ -414,3 +415,17 @@ def test_compile_leaves_room_for_a_graph_per_length_range(monkeypatch):
     kinds = len(block_kinds(model))
     assert graphs >= 2 * kinds  # a graph per kind and length range
     assert torch._dynamo.config.recompile_limit >= 2 * graphs
+
+
+def test_compile_sets_the_norm_gradient_rows_unless_the_user_did(monkeypatch):
+    """apply_compile sets Inductor's rows per partial weight-gradient sum (NORM_GRAD_ROWS), and keeps a user's."""
+    inductor = torch._inductor.config.triton
+    if not hasattr(inductor, "mix_order_reduction_split_size"):
+        pytest.skip("this torch's Inductor has no mix-order reductions")
+    model = HNetForCausalLM(HNetConfig.from_flavor("debug"))
+    monkeypatch.setattr(inductor, "mix_order_reduction_split_size", None)
+    apply_compile(model, dynamic=True)
+    assert inductor.mix_order_reduction_split_size == NORM_GRAD_ROWS
+    monkeypatch.setattr(inductor, "mix_order_reduction_split_size", 8)
+    apply_compile(model, dynamic=True)
+    assert inductor.mix_order_reduction_split_size == 8
