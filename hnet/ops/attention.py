@@ -55,9 +55,40 @@ except ImportError:
 _VARLEN_HAS_WINDOW = varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters
 
 
+class _FlashVarlen(torch.autograd.Function):
+    """What ``varlen_attn`` runs (FlashAttention-2 over packed documents), calling the aten ops directly.
+
+    ``varlen_attn`` wraps them in two Python custom ops, whose dispatch and bookkeeping (and an extra
+    kernel per call for an rng state that dropout 0 never reads) cost the host about as much as the
+    attention's launch itself, inside main-network blocks that run at the host's pace after
+    ``chunk()``'s sync (docs/performance.md, change 36). Dynamo traces this function, so compiled
+    blocks call the aten ops as Inductor fallbacks. Causal through the window's right edge 0, as
+    ``varlen_attn(window_size=(window, 0))``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float | None):
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, False,
+            scale=scale, window_size_left=window, window_size_right=0,
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
+        ctx.max_seqlen, ctx.window, ctx.scale = max_seqlen, window, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, 0.0, False,
+            seed, offset, scale=ctx.scale, window_size_left=ctx.window, window_size_right=0,
+        )
+        return dq, dk, dv, None, None, None, None
+
+
 def _varlen(q, k, v, cu_seqlens, max_seqlen, window, scale):
     if _VARLEN_HAS_WINDOW:
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, window_size=(window, 0))
+        return _FlashVarlen.apply(q, k, v, cu_seqlens, max_seqlen, window, scale)
     if window >= 0:  # older torch: varlen_attn has no window; fall back to the exact masked path
         return packed_attention_reference(q, k, v, cu_seqlens, window, scale)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, is_causal=True, scale=scale)
