@@ -48,7 +48,7 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, window, scale):
     )
 
 
-try:  # a custom op (traceable by torch.compile) since torch 2.9; a sliding window since 2.10
+try:  # since torch 2.9; with a sliding window (and the aten ops' window arguments) since 2.10
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:
     varlen_attn = None

@@ -6,7 +6,7 @@ used automatically on CUDA tensors when their package imports. ``configure`` for
 Inside ``torch.compile`` the automatic choice for the norms is the reference: Inductor fuses its
 few elementwise lines and the reduction with the residual add and casts around it, which a separate
 Triton kernel would fence off. The other fast backends are opaque to dynamo (their calls run eagerly
-between compiled graphs), except PyTorch's varlen attention, a custom op that compiles in place.
+between compiled graphs), except PyTorch's varlen attention, whose aten ops compile in place.
 """
 
 from __future__ import annotations
