@@ -2,9 +2,9 @@
 
 Triton's ``Autotuner.run`` rebuilds its cache key on every launch: a dict of every argument, a
 membership test in a list per argument and ``hasattr(arg, "dtype")`` on each. mamba_ssm's SSD kernels
-take 30-60 arguments, and a Mamba2 layer launches 11 of them per training step: on the lent H100's
-host that bookkeeping is about a tenth of the layer's host time, which at the short inner lengths of
-a 2-stage H-Net is longer than the layer's GPU time (docs/performance.md, change 32).
+take 30-60 arguments, and a Mamba2 layer launches 11 of them per training step. On the lent H100's
+host a layer costs 5.6-6.8 ms of host time, more than its GPU time at the short inner lengths of a
+2-stage H-Net; skipping the bookkeeping saves 0.2-0.44 ms of it (docs/performance.md, change 32).
 
 ``TunedKernel`` stands in for one ``Autotuner``: the first launch for a key goes through the autotuner
 (which tunes, or finds its earlier choice), and later launches with the same key go straight to the
