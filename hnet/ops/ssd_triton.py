@@ -43,6 +43,19 @@ def _tile(T, Q, nchunks, heads_per_group, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _through_state(bc_base, s_bc_t, s_bc_n, st_base, s_st_n, s_st_p, offs_m, in_m, N, P,
+                   BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The rows' (C or B, (rows, N)) product with a chunk's (N, P) state tile, the state in the rows' dtype."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
+    bc = tl.load(bc_base + offs_m[:, None] * s_bc_t + offs_n[None, :] * s_bc_n,
+                 mask=in_m[:, None] & (offs_n[None, :] < N), other=0.0)
+    st = tl.load(st_base + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p,
+                 mask=(offs_n[:, None] < N) & (offs_p[None, :] < P), other=0.0)
+    return tl.dot(bc, st.to(bc.dtype))
+
+
+@triton.jit
 def _ssd_scan_fwd_kernel(
     cb_ptr, x_ptr, dt_ptr, dA_ptr, c_ptr, st_ptr, d_ptr, seq_ptr, y_ptr,
     T, Q, P, N, nchunks, heads_per_group,
@@ -59,7 +72,6 @@ def _ssd_scan_fwd_kernel(
 ):
     pid_m, b, c, h, g, t0, rows, offs_m = _tile(T, Q, nchunks, heads_per_group, BLOCK_M)
     offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     in_m = offs_m < rows
     dA_base = dA_ptr + b * s_dA_b + h * s_dA_h + c * s_dA_c
     x_base = x_ptr + b * s_x_b + t0 * s_x_t + h * s_x_h
@@ -70,11 +82,9 @@ def _ssd_scan_fwd_kernel(
     seq_m = tl.load(seq_base + offs_m * s_seq_t, mask=in_m, other=-1)
     seq_prev = tl.load(seq_base - s_seq_t, mask=c > 0, other=-2)
     scale = tl.where(seq_m == seq_prev, tl.exp(dA_m), 0.0)
-    cm = tl.load(c_ptr + b * s_c_b + t0 * s_c_t + g * s_c_g + offs_m[:, None] * s_c_t + offs_n[None, :] * s_c_n,
-                 mask=in_m[:, None] & (offs_n[None, :] < N), other=0.0)
-    st = tl.load(st_ptr + b * s_st_b + c * s_st_c + h * s_st_h + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p,
-                 mask=(offs_n[:, None] < N) & (offs_p[None, :] < P), other=0.0)
-    acc = tl.dot(cm, st.to(cm.dtype)) * scale[:, None]
+    acc = _through_state(c_ptr + b * s_c_b + t0 * s_c_t + g * s_c_g, s_c_t, s_c_n,
+                         st_ptr + b * s_st_b + c * s_st_c + h * s_st_h, s_st_n, s_st_p, offs_m, in_m, N, P,
+                         BLOCK_N, BLOCK_P) * scale[:, None]
     # Within the chunk: y[m] += sum_{k <= m} C.B[m, k] exp(dA[m] - dA[k]) dt[k] x[k].
     offs_k = tl.arange(0, BLOCK_K)
     cb_base = cb_ptr + b * s_cb_b + c * s_cb_c + g * s_cb_g + offs_m[:, None] * s_cb_m
@@ -118,7 +128,6 @@ def _ssd_scan_bwd_dx_kernel(
 ):
     pid_m, b, c, h, g, t0, rows, offs_m = _tile(T, Q, nchunks, heads_per_group, BLOCK_M)
     offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     in_m = offs_m < rows
     io_mask = in_m[:, None] & (offs_p[None, :] < P)
     dA_base = dA_ptr + b * s_dA_b + h * s_dA_h + c * s_dA_c
@@ -131,11 +140,9 @@ def _ssd_scan_bwd_dx_kernel(
     seq_last = tl.load(seq_base + (rows - 1) * s_seq_t)
     dA_last = tl.load(dA_base + (Q - 1) * s_dA_q).to(tl.float32)
     scale = tl.where(seq_m == seq_last, tl.exp(tl.minimum(dA_last - dA_m, 0.0)), 0.0)
-    bm = tl.load(b_ptr + b * s_b_b + t0 * s_b_t + g * s_b_g + offs_m[:, None] * s_b_t + offs_n[None, :] * s_b_n,
-                 mask=in_m[:, None] & (offs_n[None, :] < N), other=0.0)
-    dst = tl.load(dst_ptr + b * s_dst_b + c * s_dst_c + h * s_dst_h + offs_n[:, None] * s_dst_n
-                  + offs_p[None, :] * s_dst_p, mask=(offs_n[:, None] < N) & (offs_p[None, :] < P), other=0.0)
-    acc = tl.dot(bm, dst.to(bm.dtype)) * scale[:, None]
+    acc = _through_state(b_ptr + b * s_b_b + t0 * s_b_t + g * s_b_g, s_b_t, s_b_n,
+                         dst_ptr + b * s_dst_b + c * s_dst_c + h * s_dst_h, s_dst_n, s_dst_p, offs_m, in_m, N, P,
+                         BLOCK_N, BLOCK_P) * scale[:, None]
 
     # From later rows of the chunk: sum_{k >= m} C.B[k, m] exp(dA[k] - dA[m]) dy[k]. Along the way, the
     # terms of dA's gradient, in fp32 as the library forms them: for k > m, M[k, m] = dy[k] . x[m] times the
