@@ -247,22 +247,28 @@ def test_conv_kernels_match_reference():
 
 _SSD_KERNELS_CHECK = """
 import torch
+import torch.nn.functional as F
 from hnet.ops import ssd_triton
 from hnet.ops.ssd import ssd_scan_reference
 
 H, G, P, N = 4, 2, 16, 16
+_empty = torch.empty  # the kernels' buffers start as NaN, so a read of an element no kernel wrote shows
+torch.empty = lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point() else t)(_empty(*a, **k))
 
 
-def case(lengths, Q, seed, D):
+def case(lengths, Q, seed, D, A, bias):
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)
     nc = -(-T // Q)
     seq = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))
     x, dy = torch.randn(T, H, P, generator=g), torch.randn(T, H, P, generator=g)
     B, C = torch.randn(T, G, N, generator=g) * 0.5, torch.randn(T, G, N, generator=g) * 0.5
-    dt = torch.rand(T, H, generator=g) * 0.5 + 0.05
-    A = -torch.rand(H, generator=g) * 2 - 0.1
+    dt_raw = torch.randn(T, H, generator=g) - 1.5
+    dt_raw[0, 0] = 25.0  # above the softplus threshold: passed through
+    dt = F.softplus(dt_raw + bias, threshold=20)
     dstates = torch.randn(nc, H, P, N, generator=g)
+    # The other kernels' terms of dA's gradient: by increment, by cumsum position, by chunk end.
+    g_inc, g_cs, g_end = torch.randn(nc, Q, H, generator=g), torch.randn(nc, Q, H, generator=g), torch.randn(nc, H, generator=g)
     pad = lambda t: torch.cat([t, t.new_zeros(nc * Q - T, *t.shape[1:])])  # dt 0 past the end, as mamba_ssm's
     dA = pad(dt * A).view(nc, Q, H).cumsum(1)
     seqp = torch.cat([seq, seq.new_full((nc * Q - T,), -1)]).view(nc, Q)
@@ -276,47 +282,62 @@ def case(lengths, Q, seed, D):
         h = (dt[t] * A).exp()[:, None, None] * h + dt[t][:, None, None] * x[t][:, :, None] * Bh[t][:, None, :]
         if t % Q == Q - 1 and t // Q + 1 < nc:
             states[t // Q + 1] = h
-    # The gradients the dx kernel computes, by autograd over dense position x position weights: x, dt and D
-    # with dA held; dA's increments through the scan's weights (not through the state a chunk passes on).
-    inc = pad(dt * A).view(nc, Q, H).requires_grad_()
-    pos, dAf = torch.arange(T), inc.cumsum(1).view(-1, H)[:T]
+    # Autograd over dense position x position weights. The dx kernel's gradients are x's, D's, dt's where dt
+    # is used itself (dtl) and dA's increments' through the scan's weights (inc; not through the state a
+    # chunk passes on, whose dA term g_inc stands for); dt_grad's are dt_raw's, A's and the bias's.
+    xl, Dl, rawl, Al, biasl = leaves = [t.clone().requires_grad_() for t in (x, D, dt_raw, A, bias)]
+    dtf = F.softplus(rawl + biasl, threshold=20)
+    dtl, inc = dtf.clone(), pad(dtf * Al).view(nc, Q, H)
+    pos, cs = torch.arange(T), inc.cumsum(1)
+    dAf = cs.view(-1, H)[:T]
     same = (pos[:, None] // Q == pos[None, :] // Q) & (pos[None, :] <= pos[:, None]) & (seq[:, None] == seq[None, :])
     W = torch.einsum("tgn,sgn->tsg", C, B).repeat_interleave(H // G, dim=2) * same[..., None]
     W = W * (dAf[:, None] - dAf[None, :]).clamp(max=0).exp()
     last = seq[torch.clamp(pos // Q * Q + Q - 1, max=T - 1)]
     end = ((dA[:, -1].repeat_interleave(Q, 0)[:T] - dAf.detach()).exp() * (seq == last)[:, None])
-    xl, dtl, Dl = leaves = [t.clone().requires_grad_() for t in (x, dt, D)]
     y = torch.einsum("tsh,sh,shp->thp", W, dtl, xl) + Dl[:, None] * xl
     local = torch.zeros(nc, H, P, N).index_add(0, pos // Q, torch.einsum("th,thp,thn->thpn", end * dtl, xl, Bh))
-    grads = torch.autograd.grad((y * dy).sum() + (local * dstates).sum(), [*leaves, inc])
+    loss = (y * dy).sum() + (local * dstates).sum() + (inc * g_inc).sum() + (cs * g_cs).sum() + (cs[:, -1] * g_end).sum()
+    grads = torch.autograd.grad(loss, [*leaves, dtl, inc])
     lay = lambda t: pad(t).view(nc, Q, H).permute(2, 0, 1)  # (T, H) -> (H, nc, Q)
     return dict(x=x, dy=dy, B=B, C=C, dt=lay(dt), dA=dA.permute(2, 0, 1), CB=CB, states=states, dstates=dstates,
-                seq=seq, y=ssd_scan_reference(x, dt, A, B, C, chunk_size=Q, seq_idx=seq, D=D),
-                dx=grads[0], ddt=lay(grads[1]), dD=grads[2], ddA=grads[3].permute(2, 0, 1))
+                seq=seq, y=ssd_scan_reference(x, dt, A, B, C, chunk_size=Q, seq_idx=seq, D=D), dt_raw=dt_raw,
+                ddA_next=g_inc.permute(2, 0, 1), ddA_prev=g_cs.permute(2, 0, 1), ddA_end=g_end.t(),
+                dx=grads[0], dD=grads[1], ddt_raw=grads[2], dA_param=grads[3], dbias=grads[4], ddt=lay(grads[5]),
+                ddA_scan=grads[6].permute(2, 0, 1))
 
 
 def check(Q, lengths_a, lengths_b):
     D = torch.randn(H, generator=torch.Generator().manual_seed(2))
-    a, b = case(lengths_a, Q, 0, D), case(lengths_b, Q, 1, D)  # two rows of one batch
-    both = {k: torch.stack([a[k], b[k]]) for k in a if k != "dD"}
+    A = -torch.rand(H, generator=torch.Generator().manual_seed(3)) * 2 - 0.1
+    bias = torch.randn(H, generator=torch.Generator().manual_seed(4)) * 0.5
+    a, b = case(lengths_a, Q, 0, D, A, bias), case(lengths_b, Q, 1, D, A, bias)  # two rows of one batch
+    both = {k: torch.stack([a[k], b[k]]) for k in a if k not in ("dD", "dA_param", "dbias")}
     y = ssd_triton.chunk_scan_fwd(both["CB"], both["x"], both["dt"], both["dA"], both["C"], both["states"], D,
                                   both["seq"])
     for i, r in enumerate((a, b)):
         torch.testing.assert_close(y[i], r["y"], rtol=1e-4, atol=1e-4)
     out = torch.full((*both["x"].shape[:-1], P + 3), float("nan"))[..., 3:]  # written in place, every element
-    dx, ddt, ddA, dD = ssd_triton.chunk_scan_bwd_dx(both["x"], both["dt"], both["dA"], both["B"], both["CB"],
-                                                     both["dy"], both["dstates"], D, both["seq"], dx=out)
+    dx, ddt, ddA_scan, dD = ssd_triton.chunk_scan_bwd_dx(both["x"], both["dt"], both["dA"], both["B"], both["CB"],
+                                                          both["dy"], both["dstates"], D, both["seq"], dx=out)
     assert dx.data_ptr() == out.data_ptr()
     torch.testing.assert_close(dx, both["dx"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ddt, both["ddt"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ddA, both["ddA"], rtol=1e-4, atol=1e-4)
-    assert ddA.abs().amax() > 1e-2  # the reference's dA gradient is not vanishingly small
     torch.testing.assert_close(dD, a["dD"] + b["dD"], rtol=1e-4, atol=1e-4)
+    ddt_raw = torch.full((*both["dt_raw"].shape[:-1], H + 2), float("nan"))[..., 2:]  # a strided slice, as in zxbcdt
+    dA, dbias = ssd_triton.dt_grad(ddA_scan, both["ddA_next"].contiguous(), both["ddA_prev"].contiguous(),
+                                   both["ddA_end"], ddt, both["dt"].contiguous(), both["dt_raw"], A, bias, ddt_raw)
+    torch.testing.assert_close(ddt_raw, both["ddt_raw"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dA, a["dA_param"] + b["dA_param"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dbias, a["dbias"] + b["dbias"], rtol=1e-4, atol=1e-4)
+    # The scan's term matters at this tolerance: the check fails without it.
+    assert both["ddA_scan"].abs().amax() > 1e-2 and (both["ddA_scan"] * both["dt"]).sum(-1).abs().amax() > 1e-2
 
 
 # Documents shorter than a chunk, longer than one, starting mid-chunk; a short last chunk.
 check(64, [10, 150, 1, 39], [200])
 ssd_triton.SCAN_CONFIG = ssd_triton.DX_CONFIG = (16, 8, 1, 1)  # several row tiles and steps per chunk
+ssd_triton.DT_BLOCK_H = 2  # several head blocks
 check(32, [3, 60, 33, 4, 1], [17, 84])
 """
 

@@ -65,7 +65,7 @@ def _kernels() -> SimpleNamespace:
         conv_width=conv_triton.WIDTH,
         norm_fwd=layernorm_gated._layer_norm_fwd, norm_bwd_kernel=layernorm_gated._layer_norm_bwd_kernel,
         bmm_fwd=ssd_bmm._bmm_chunk_fwd, bmm_bwd=ssd_bmm._bmm_chunk_bwd,
-        cumsum_fwd=ssd_chunk_state._chunk_cumsum_fwd, cumsum_bwd=ssd_chunk_state._chunk_cumsum_bwd,
+        cumsum_fwd=ssd_chunk_state._chunk_cumsum_fwd, dt_bwd=ssd_triton.dt_grad,
         state_fwd=ssd_chunk_state._chunk_state_fwd, state_bwd_db=ssd_chunk_state._chunk_state_bwd_db,
         passing_fwd=ssd_state_passing._state_passing_fwd, passing_bwd=ssd_state_passing._state_passing_bwd,
         scan_fwd=ssd_triton.chunk_scan_fwd, scan_bwd_dx=ssd_triton.chunk_scan_bwd_dx,
@@ -227,15 +227,13 @@ class SplitConvScan(torch.autograd.Function):
             dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size,
         )
         dstates, states_lp = dstates.view_as(states), states_lp.view_as(states)
-        _, ddt, ddA, dD = k.scan_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx=dx)
+        _, ddt, ddA_scan, dD = k.scan_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx=dx)
         dB_local, ddA_next = k.state_bwd_db(x, dt, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups)
         dC_local, ddA_prev = k.scan_bwd_dC(states_lp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups)
         dCB = k.scan_bwd_dcb(x, dt, dA_cumsum, dy, seq_idx=seq_idx, ngroups=ngroups).to(CB.dtype)
         k.bmm_bwd(C, dCB, residual=dB_local, out=dB)
         k.bmm_bwd(B, dCB.transpose(-1, -2), residual=dC_local, out=dC)
-        ddA_prev[..., -1] += ddA_chunk_end
-        ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
-        _, dA, ddt_bias = k.cumsum_bwd(ddA, ddt, dt_raw, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt_raw)
+        dA, ddt_bias = k.dt_bwd(ddA_scan, ddA_next, ddA_prev, ddA_chunk_end, ddt, dt, dt_raw, A, dt_bias, ddt_raw)
 
         _, dconv_w, dconv_b = k.conv_bwd(xbc[0], conv_w, conv_b, dxbc[0], seq_idx[0], dx=dxbc_in[0])
         return dzxbcdt, dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, doutproj_w, None, None, None, None, None

@@ -1,4 +1,4 @@
-"""Mamba2 SSD's chunk scan (forward) and its input-gradient backward, in Triton, all heads of a chunk together.
+"""Mamba2 SSD's chunk scan (forward), its input-gradient backward and dt's gradient, in Triton.
 
 mamba_ssm's two costliest SSD kernels launch (row tiles, chunks, heads): every chunk of head 0 runs before
 any chunk of head 1, so C.B, C and B, shared by all heads of a chunk, have left L2 when the next head reads
@@ -8,7 +8,9 @@ read the skip term D by head, so the library's kernels cannot be handed the head
 row tile of one head over the whole head dimension, so a chunk's C.B tile is read from DRAM once and the
 head dimension's gradient sums (dt, D) need no atomics: deterministic. The backward also gives dA's
 gradient through the scan, which the library computes in a kernel of its own that reads x, dy and C.B
-again (change 29): 0.24 ms less per encoder layer on an H100.
+again (change 29): 0.24 ms less per encoder layer on an H100. ``dt_grad`` then adds up every term of
+dA's gradient and takes it through dt's softplus in one launch, where the library's wrappers and torch
+take about fifteen small launches (change 37).
 
 Layouts are mamba_ssm's (2.x): x and y (b, T, H, P); dt and its cumsum dA (b, H, nchunks, Q); C and B
 (b, T, G, N); C.B (b, nchunks, G, Q, Q) with entries across documents zeroed; states (b, nchunks, H, P, N),
@@ -20,8 +22,9 @@ C.B there cancels badly: change 28). The kernels' names differ from the library'
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -31,6 +34,7 @@ from hnet.ops.backend import launch_device
 # (docs/performance.md, change 27).
 SCAN_CONFIG = (64, 64, 4, 1)
 DX_CONFIG = (64, 32, 4, 1)
+DT_BLOCK_H = 16  # heads per program of dt_grad's kernel
 
 
 @triton.jit
@@ -147,7 +151,7 @@ def _ssd_scan_bwd_dx_kernel(
     # From later rows of the chunk: sum_{k >= m} C.B[k, m] exp(dA[k] - dA[m]) dy[k]. Along the way, the
     # terms of dA's gradient, in fp32 as the library forms them: for k > m, M[k, m] = dy[k] . x[m] times the
     # same decayed C.B and dt[m]. Row m's sum over k is this program's; its sums over m for each k are
-    # partial (one slot per row tile; ``chunk_scan_bwd_dx`` adds them up).
+    # partial (one slot per row tile; ``dt_grad`` adds them up).
     dt_m = tl.load(dt_ptr + b * s_dt_b + h * s_dt_h + c * s_dt_c + offs_m * s_dt_q, mask=in_m, other=0.0)
     dt_m = dt_m.to(tl.float32)
     xm = tl.load(x_ptr + b * s_x_b + t0 * s_x_t + h * s_x_h + offs_m[:, None] * s_x_t + offs_p[None, :] * s_x_p,
@@ -185,6 +189,53 @@ def _ssd_scan_bwd_dx_kernel(
     tl.store(dx_base + offs_m[:, None] * s_dx_t + offs_p[None, :] * s_dx_p, dx.to(dx_ptr.dtype.element_ty), mask=io_mask)
 
 
+@triton.jit
+def _dt_grad_kernel(
+    sums_ptr, next_ptr, prev_ptr, end_ptr, ddt_ptr, dt_ptr, raw_ptr, a_ptr, bias_ptr, draw_ptr, parts_ptr,
+    T, Q, H, nchunks, tile_rows, m_tiles,
+    s_raw_b, s_raw_t, s_raw_h,
+    s_draw_b, s_draw_t, s_draw_h,
+    HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    pid_bc = tl.program_id(0)
+    b, c = pid_bc // nchunks, pid_bc % nchunks
+    rows = min(Q, T - c * Q)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_q = tl.arange(0, BLOCK_Q)
+    in_h = offs_h < H
+    mask = in_h[:, None] & (offs_q[None, :] < Q)
+    hq = ((b * H + offs_h[:, None]) * nchunks + c) * Q + offs_q[None, :]  # in (b, H, nchunks, Q), contiguous
+    slot = tl.num_programs(0) * H * Q
+
+    # Through the scan: row sums less the row tiles' column sums, each tile's from its first row on (what
+    # lies past the chunk's rows is dropped below).
+    net = tl.load(sums_ptr + m_tiles * slot + hq, mask=mask, other=0.0)
+    for j in range(m_tiles):
+        net -= tl.load(sums_ptr + j * slot + hq, mask=mask & (offs_q[None, :] >= j * tile_rows), other=0.0)
+    ddA = tl.cumsum(net, axis=1) - net  # the sum over earlier positions
+    # Through the chunk-start states, by cumsum position: every increment up to it moves it.
+    end = tl.load(end_ptr + (b * H + offs_h) * nchunks + c, mask=in_h, other=0.0)
+    prev = tl.load(prev_ptr + hq, mask=mask, other=0.0) + tl.where(offs_q[None, :] == Q - 1, end[:, None], 0.0)
+    ddA += tl.cumsum(prev, axis=1, reverse=True) + tl.load(next_ptr + hq, mask=mask, other=0.0)
+
+    valid = mask & (offs_q[None, :] < rows)
+    ddA = tl.where(valid, ddA, 0.0)
+    a = tl.load(a_ptr + offs_h, mask=in_h, other=0.0).to(tl.float32)
+    ddt = tl.load(ddt_ptr + hq, mask=valid, other=0.0) + ddA * a[:, None]
+    t = c * Q + offs_q[None, :]
+    raw = tl.load(raw_ptr + b * s_raw_b + t * s_raw_t + offs_h[:, None] * s_raw_h, mask=valid, other=0.0)
+    raw = raw.to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + offs_h, mask=in_h, other=0.0).to(tl.float32)[:, None]
+    # softplus' = sigmoid; above 20 the forward passes dt through, where sigmoid is 1.0 in fp32 too
+    draw = tl.where(valid, ddt * tl.sigmoid(raw), 0.0)
+    tl.store(draw_ptr + b * s_draw_b + t * s_draw_t + offs_h[:, None] * s_draw_h, draw.to(draw_ptr.dtype.element_ty),
+             mask=valid)
+    dt = tl.load(dt_ptr + hq, mask=valid, other=0.0)
+    tl.store(parts_ptr + pid_bc * H + offs_h, tl.sum(ddA * dt, axis=1), mask=in_h)
+    tl.store(parts_ptr + (tl.num_programs(0) + pid_bc) * H + offs_h, tl.sum(draw, axis=1), mask=in_h)
+
+
 def _launch(kernel, config: tuple[int, int, int, int], x: torch.Tensor, nchunks: int, Q: int, N: int, *args,
             has_d: bool) -> None:
     """One program per (row tile, head, batch row and chunk): a chunk's heads run together."""
@@ -218,30 +269,65 @@ def chunk_scan_fwd(cb: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, dA_cumsu
     return y
 
 
+class ScanDdA(NamedTuple):
+    """dA's gradient terms through the chunk scan as the dx kernel leaves them: per row tile, sums over its
+    rows for each later position, and each position's sum over later positions (``dt_grad`` adds them up)."""
+
+    sums: torch.Tensor  # (row tiles + 1, b, H, nchunks, Q) fp32
+    tile_rows: int
+
+
 def chunk_scan_bwd_dx(x: torch.Tensor, dt: torch.Tensor, dA_cumsum: torch.Tensor, B: torch.Tensor, cb: torch.Tensor,
                       dy: torch.Tensor, dstates: torch.Tensor, D: torch.Tensor | None, seq_idx: torch.Tensor,
                       dx: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, ScanDdA, torch.Tensor | None]:
     """The gradients of y and of the states each chunk passes on, with respect to x, dt (dA held), dA's
     increments through the chunk scan (dA's cumsum is of dt A), and D.
 
     dstates (b, nchunks, H, P, N) is the gradient of the chunk's own contribution to the state it passes on.
-    Returns dx (into ``dx`` when given: any strides), ddt and ddA (fp32, dt's shape) and dD (D's dtype, or
-    None). ddA is what mamba_ssm's ``_chunk_scan_bwd_ddAcs_stable`` returns: with M[k, m] the fp32 terms
-    of the scan's output sums (for k > m, in the kernel), the increment at i moves every pair k >= i > m,
-    so ddA[i] = sum over m < i of (sum_k M[k, m] - sum_k' M[m, k']): column sums less row sums.
+    Returns dx (into ``dx`` when given: any strides), ddt (fp32, dt's shape), the terms of dA's gradient
+    (for ``dt_grad``) and dD (D's dtype, or None). With M[k, m] the fp32 terms of the scan's output sums
+    (for k > m, in the kernel), the increment at i moves every pair k >= i > m, so dA's gradient at i is the
+    sum over m < i of (sum_k M[k, m] - sum_k' M[m, k']): column sums less row sums. It is what mamba_ssm's
+    ``_chunk_scan_bwd_ddAcs_stable`` returns.
     """
     batch, T, H, P, nchunks, Q, G, N = _shapes(x, dt, B, cb, seq_idx)
     assert dy.shape == x.shape and dstates.shape == (batch, nchunks, H, P, N)
     m_tiles = triton.cdiv(Q, DX_CONFIG[0])
     dx = torch.empty_like(x) if dx is None else dx
     ddt = torch.empty(batch, H, nchunks, Q, device=x.device, dtype=torch.float32)
-    sums = torch.zeros(m_tiles + 1, batch, H, nchunks, Q, device=x.device, dtype=torch.float32)  # row sums by tile
+    # Each row tile's column sums cover the later positions of its chunk; dt_grad reads no other slot.
+    sums = torch.empty(m_tiles + 1, batch, H, nchunks, Q, device=x.device, dtype=torch.float32)
     dD = torch.empty(batch * nchunks * m_tiles, H, device=x.device, dtype=torch.float32) if D is not None else None
     _launch(_ssd_scan_bwd_dx_kernel, DX_CONFIG, x, nchunks, Q, N,
             cb, x, dt, dA_cumsum, B, dstates, D, seq_idx, dy, dx, ddt, sums, dD, T, Q, P, N, nchunks, H // G, m_tiles,
             *cb.stride(), *x.stride(), *dt.stride(), *dA_cumsum.stride(), *B.stride(), *dstates.stride(),
             *seq_idx.stride(), *dy.stride(), *dx.stride(), has_d=D is not None)
-    net = sums[-1] - sums[:-1].sum(0)  # column sums less row sums, by position
-    ddA = F.pad(net[..., :-1].cumsum(-1), (1, 0))
-    return dx, ddt, ddA, dD.sum(0).to(D.dtype) if D is not None else None
+    return dx, ddt, ScanDdA(sums, DX_CONFIG[0]), dD.sum(0).to(D.dtype) if D is not None else None
+
+
+def dt_grad(scan: ScanDdA, ddA_next: torch.Tensor, ddA_prev: torch.Tensor, ddA_chunk_end: torch.Tensor,
+            ddt: torch.Tensor, dt: torch.Tensor, dt_raw: torch.Tensor, A: torch.Tensor, dt_bias: torch.Tensor | None,
+            ddt_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradients of dt before its softplus, of A and of dt's bias, from every term of dA's gradient.
+
+    dA's cumsum is of dt A, dt = softplus(dt_raw + dt_bias). The terms: the chunk scan's (``scan``) and the
+    chunk states' (``ddA_next``) by increment, the chunk-start states' by cumsum position (``ddA_prev``)
+    and the passed-on states' by chunk end (``ddA_chunk_end``, (b, H, nchunks)); ddt is dt's own gradient
+    with dA held; all fp32 in dt's (b, H, nchunks, Q) layout. Writes dt_raw's gradient into ``ddt_raw``
+    ((b, T, H), any strides) and returns dA's and dt_bias's, fp32, in the fixed order of a sum over chunks.
+    This is mamba_ssm's reverse cumsum, sums and ``_chunk_cumsum_bwd`` in one launch (no atomics).
+    """
+    batch, H, nchunks, Q = dt.shape
+    T = dt_raw.shape[1]
+    assert dt_raw.shape == ddt_raw.shape == (batch, T, H) and ddA_chunk_end.shape == (batch, H, nchunks)
+    assert all(t.shape == dt.shape and t.is_contiguous() for t in (ddt, dt, ddA_next, ddA_prev))
+    parts = torch.empty(2, batch * nchunks, H, device=dt.device, dtype=torch.float32)  # per chunk: dA, dt_bias
+    with launch_device(dt):
+        _dt_grad_kernel[(batch * nchunks, triton.cdiv(H, DT_BLOCK_H))](
+            scan.sums, ddA_next, ddA_prev, ddA_chunk_end.contiguous(), ddt, dt, dt_raw, A, dt_bias, ddt_raw, parts,
+            T, Q, H, nchunks, scan.tile_rows, scan.sums.shape[0] - 1, *dt_raw.stride(), *ddt_raw.stride(),
+            HAS_BIAS=dt_bias is not None, BLOCK_H=DT_BLOCK_H, BLOCK_Q=triton.next_power_of_2(Q),
+        )
+    dA, ddt_bias = parts.sum(1)
+    return dA, ddt_bias if dt_bias is not None else None
