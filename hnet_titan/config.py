@@ -188,6 +188,17 @@ class Metrics:
 
 
 @dataclass
+class Profiling:
+    enable: bool = False  # torch.profiler Chrome traces of chosen steps (hnet_titan.profiling)
+    folder: str = "profile_traces"  # under job.dump_folder: iteration_{step}/rank{rank}_trace.json.gz
+    freq: int = 100  # a window ends at every multiple of freq steps
+    warmup: int = 2  # steps profiled before each window's recorded ones and dropped
+    active: int = 1  # steps recorded per window
+    record_shapes: bool = False  # operator input shapes in the trace
+    with_stack: bool = False  # Python stacks in the trace (large)
+
+
+@dataclass
 class Validation:
     enable: bool = True  # run validation during training
     freq: int = 100  # steps between validations
@@ -246,6 +257,9 @@ _BOUNDS = {
     "activation_checkpoint.when_longer_than": ">= 0",
     "metrics.log_freq": ">= 1",
     "metrics.peak_tflops": ">= 0",
+    "profiling.freq": ">= 1",
+    "profiling.warmup": ">= 0",
+    "profiling.active": ">= 1",
     "validation.freq": ">= 1",
     "validation.steps": ">= 1",
     "fault_tolerance.replica_id": ">= 0",
@@ -271,6 +285,7 @@ class JobConfig:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
     metrics: Metrics = field(default_factory=Metrics)
+    profiling: Profiling = field(default_factory=Profiling)
     validation: Validation = field(default_factory=Validation)
     fault_tolerance: FaultTolerance = field(default_factory=FaultTolerance)
 
@@ -353,6 +368,12 @@ class JobConfig:
         targets = self.loss.ratio_targets
         if not targets or any(not n >= 1 for n in targets):
             raise ConfigError(f"loss.ratio_targets must be a non-empty list of values >= 1, got {targets!r}")
+        prof = self.profiling
+        if prof.warmup + prof.active > prof.freq:
+            raise ConfigError(
+                f"profiling.warmup ({prof.warmup}) + profiling.active ({prof.active}) must be <= "
+                f"profiling.freq ({prof.freq}): each window's steps fit between two window ends"
+            )
         ft = self.fault_tolerance
         if ft.replica_id >= ft.group_size:
             raise ConfigError(

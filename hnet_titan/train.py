@@ -30,6 +30,7 @@ from hnet_titan.optim import build_lr_scheduler, build_optimizer
 from hnet_titan.parallelize import (
     build_mesh, build_model, configure_cuda_allocator, dp_rank_and_size, init_distributed, set_tf32,
 )
+from hnet_titan.profiling import build_profiler
 
 logger = logging.getLogger("hnet_titan")
 
@@ -304,6 +305,8 @@ class Trainer:
         it = iter(self.train_loader)
         start, start_step = time.perf_counter(), self.step  # a resumed run's ETA counts only its own steps
         batches = None  # kept while a step does not commit (ft): it is retried with the same batches
+        profiler = build_profiler(job.profiling, self.dump / job.profiling.folder, self.rank, self.step + 1,
+                                  lambda: self.step)
         try:
             while self.step < t.steps:
                 if self.ft is not None:
@@ -348,9 +351,13 @@ class Trainer:
                 if stop:
                     logger.warning("stopped at step %d", self.step)
                     break
+                if profiler is not None and self.step < t.steps:  # the profiler's steps end here
+                    profiler.step()
         except KeyboardInterrupt:
             logger.warning("interrupted after step %d, without a checkpoint", self.step)
         finally:
+            if profiler is not None:
+                profiler.stop()  # saves the window if the last step was recorded
             stop_requested.restore()
             gc.enable()
             self.metrics.close()

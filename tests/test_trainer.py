@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import re
 import subprocess
@@ -13,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 from hnet import HNetConfig, HNetForCausalLM
-from hnet_titan.config import JobConfig
+from hnet_titan.config import ConfigError, JobConfig, Profiling
 from hnet_titan.optim import build_param_groups, decay_shape, lr_factor, no_weight_decay
+from hnet_titan.profiling import step_action
 from hnet_titan.train import Trainer, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,6 +198,37 @@ def test_debug_config_trains_end_to_end(tmp_path):
     assert (tmp_path / "config.toml").is_file() and (tmp_path / "model_config.json").is_file()
     assert JobConfig.from_toml_string((tmp_path / "config.toml").read_text()).training.steps == 8
 
+
+
+def test_profiling_windows_follow_the_global_step():
+    R, S, W, N = "RECORD", "RECORD_AND_SAVE", "WARMUP", "NONE"
+    actions = [step_action(Profiling(enable=True, freq=5, warmup=2, active=2), s).name for s in range(1, 11)]
+    assert actions == [N, W, W, R, S, N, W, W, R, S]
+    assert [step_action(Profiling(freq=3, warmup=0, active=3), s).name for s in (1, 2, 3)] == [R, R, S]
+    with pytest.raises(ConfigError, match=r"profiling.warmup \(2\) \+ profiling.active \(4\) must be <= profiling.freq \(5\)"):
+        JobConfig.from_dict({"profiling": {"freq": 5, "warmup": 2, "active": 4}})
+
+
+def profiled(tmp_path, steps: int, freq: int, warmup: int, active: int) -> dict[str, int]:
+    """Train with profiling on: {trace path: recorded steps in it}."""
+    trainer = Trainer(job(tmp_path, "--training.steps", str(steps), "--profiling.enable", "--profiling.freq", str(freq),
+                          "--profiling.warmup", str(warmup), "--profiling.active", str(active)))
+    trainer.train()
+    trainer.close()
+    folder, traces = tmp_path / "profile_traces", {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        events = json.loads(gzip.open(path).read())["traceEvents"]
+        assert any(e.get("name") == "Optimizer.step#AdamW.step" for e in events)  # whole steps, optimizer too
+        traces[path.relative_to(folder).as_posix()] = sum(e.get("name", "").startswith("ProfilerStep#") for e in events)
+    return traces
+
+
+def test_trainer_writes_a_trace_per_profiling_window(tmp_path):
+    # Windows end at steps 2 and 4; step 5 is a warm-up step, not saved.
+    assert profiled(tmp_path / "a", steps=5, freq=2, warmup=1, active=1) == {
+        "iteration_2/rank0_trace.json.gz": 1, "iteration_4/rank0_trace.json.gz": 1}
+    # The run ends inside a window: what it recorded is saved.
+    assert profiled(tmp_path / "b", steps=4, freq=5, warmup=1, active=2) == {"iteration_4/rank0_trace.json.gz": 1}
 
 def test_user_errors_are_one_line(tmp_path):
     out = subprocess.run(
