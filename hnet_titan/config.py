@@ -174,7 +174,7 @@ class ActivationCheckpoint:
 @dataclass
 class Compile:
     enable: bool = False  # torch.compile the model blocks
-    dynamic: bool = True  # allow dynamic shapes (chunk lengths vary per batch)
+    dynamic: bool = True  # a size that changes becomes symbolic (lengths vary per batch); false: compile each anew
 
 
 @dataclass

@@ -252,25 +252,33 @@ def block_kinds(model: HNetForCausalLM) -> set[tuple]:
 def apply_compile(model: HNetForCausalLM, dynamic: bool) -> None:
     """Compile each block, and each routed stage's routing and dechunk modules, in place (names unchanged).
 
-    Inner lengths change with every batch, so ``dynamic`` marks sizes symbolic from the start
-    instead of recompiling when they first change. Blocks share their code, and dynamo compiles one
-    graph per kind of block (width, mixer, MLP or not, first of its network or not: the first gets no
-    residual), and again per range of lengths: Inductor's kernel choices guard a lower bound on the
-    length they were made for (``5120 <= hidden.size()[0]``), which the tiny inner stages of an
-    untrained router's first steps break. Past dynamo's limit per code object (8) the blocks would
-    silently run eagerly for the rest of the run: hnet_2stage_L (6 kinds) reached it in step 2 on an
-    H100. The limit is raised to ``RECOMPILES_PER_KIND`` times the number of kinds.
+    Inner lengths change with every batch. With ``dynamic``, a size becomes symbolic when it first
+    changes between calls (torch.compile's ``dynamic=None``): each graph compiles once for its first
+    lengths and once more, symbolic, for the rest. Marking every size symbolic from the start
+    (``dynamic=True``) also made head counts and widths symbolic in the trainer's graphs that begin at
+    a (positions, heads, head dim) tensor, and Inductor's kernels there then index with runtime
+    divisions: the rotary and QKV kernels of hnet_1stage_L ran 2-4x slower than with constants
+    (docs/performance.md, change 38). Without ``dynamic`` every new length compiles anew.
+
+    Blocks share their code, and dynamo compiles graphs per kind of block (width, mixer, MLP or not,
+    first of its network or not: the first gets no residual), and again per range of lengths:
+    Inductor's kernel choices guard a lower bound on the length they were made for
+    (``5120 <= hidden.size()[0]``), which the tiny inner stages of an untrained router's first steps
+    break. Past dynamo's limit per code object (8) the blocks would silently run eagerly for the rest
+    of the run: hnet_2stage_L (6 kinds) reached it in step 2 on an H100. The limit is raised to
+    ``RECOMPILES_PER_KIND`` times the number of kinds.
     """
     limit = RECOMPILES_PER_KIND * len(block_kinds(model))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     inductor = torch._inductor.config.triton
     if getattr(inductor, "mix_order_reduction_split_size", 0) is None:  # torch >= 2.10, and not set by the user
         inductor.mix_order_reduction_split_size = NORM_GRAD_ROWS
+    mode = None if dynamic else False  # None: automatic dynamic shapes
     for block in all_blocks(model):
-        block.compile(dynamic=dynamic)
+        block.compile(dynamic=mode)
     for stage in model.stages()[:-1]:  # the elementwise work between the networks
-        stage.routing_module.compile(dynamic=dynamic)
-        stage.dechunk_layer.compile(dynamic=dynamic)
+        stage.routing_module.compile(dynamic=mode)
+        stage.dechunk_layer.compile(dynamic=mode)
 
 
 def data_parallel_units(model: HNetForCausalLM) -> list[tuple[nn.Module, str]]:
