@@ -150,7 +150,8 @@ class Parallelism:
     data_parallel_shard_degree: int = -1  # FSDP shard group size; -1 = all remaining ranks
     data_parallel_replicate_degree: int = 1  # replica groups (HSDP / DDP)
     dp_mode: Literal["fsdp", "ddp"] = "fsdp"  # data-parallel wrapper
-    fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"  # FSDP memory/speed trade
+    # FSDP memory/speed trade; default: the root keeps its parameters, inner units reshard if sharded over > 1 rank
+    fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
     timeout_s: int = 600  # collective timeout: a rank waiting longer on the others fails
 
 

@@ -42,9 +42,6 @@ from hnet_titan.config import DTYPES, ActivationCheckpoint, ConfigError, JobConf
 logger = logging.getLogger("hnet_titan")
 
 MESH_DIMS = ("dp_replicate", "dp_shard")
-# reshard_after_forward per fsdp_reshard_after_forward choice: (inner units, root). The root's
-# parameters are needed first in backward, so by default it keeps them (TorchTitan's choice).
-_RESHARD = {"default": (True, False), "always": (True, True), "never": (False, False)}
 
 
 def configure_cuda_allocator() -> None:
@@ -116,6 +113,19 @@ def dp_rank_and_size(mesh: DeviceMesh) -> tuple[int, int]:
     return rank, mesh.size()
 
 
+def reshard_after_forward(choice: str, shard_ranks: int) -> tuple[bool, bool]:
+    """FSDP's reshard_after_forward for (inner units, root) under parallelism.fsdp_reshard_after_forward.
+
+    "default": the root keeps its parameters, which backward needs first (TorchTitan's choice), and
+    inner units reshard where a shard group has more than one rank. On one rank resharding frees only
+    the compute-dtype copy of the parameters and costs a second cast and copy of each unit in backward
+    (docs/performance.md, change 39).
+    """
+    if choice == "default":
+        return shard_ranks > 1, False
+    return {"always": (True, True), "never": (False, False)}[choice]
+
+
 def build_model(config: HNetConfig, job: JobConfig, mesh: DeviceMesh, device: torch.device) -> HNetForCausalLM:
     """The parallelized model with the reference init.
 
@@ -152,7 +162,8 @@ def parallelize_model(model: HNetForCausalLM, job: JobConfig, mesh: DeviceMesh) 
         apply_replicate(model, mesh["dp_replicate"], param_dtype, reduce_dtype)
     else:
         dp_mesh = mesh if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
-        apply_fsdp(model, dp_mesh, param_dtype, reduce_dtype, *_RESHARD[p.fsdp_reshard_after_forward])
+        reshard = reshard_after_forward(p.fsdp_reshard_after_forward, mesh["dp_shard"].size())
+        apply_fsdp(model, dp_mesh, param_dtype, reduce_dtype, *reshard)
     logger.info(
         "data parallel: %s over %s mesh %s, params in %s, gradients reduced in %s; activation checkpointing "
         "on %d of %d blocks; compile %s", p.dp_mode, dict(zip(mesh.mesh_dim_names, mesh.shape)), mesh.device_type,

@@ -42,6 +42,7 @@ from hnet_titan.parallelize import (
     build_model,
     configure_cuda_allocator,
     dp_degrees,
+    reshard_after_forward,
     stage_blocks,
     stage_networks,
     target_lengths,
@@ -368,6 +369,13 @@ def train_four_steps(model: HNetForCausalLM, on_step=lambda: None) -> list[float
         on_step()
     return losses
 
+
+
+def test_inner_units_reshard_by_default_only_when_sharded_over_several_ranks():
+    assert reshard_after_forward("default", 1) == (False, False)  # one rank: nothing sharded to free
+    assert reshard_after_forward("default", 8) == (True, False)  # the root is needed first in backward
+    assert reshard_after_forward("always", 1) == (True, True)
+    assert reshard_after_forward("never", 8) == (False, False)
 
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_and_compile_once_more_for_new_lengths():
