@@ -26,14 +26,15 @@ def step_action(cfg: Profiling, step: int) -> ProfilerAction:
     return ProfilerAction.NONE
 
 
-def build_profiler(cfg: Profiling, folder: Path, rank: int, first_step: int,
+def build_profiler(cfg: Profiling, folder: Path, rank: int,
                    current_step: Callable[[], int]) -> torch.profiler.profile | None:
     """A started profiler, or None when profiling is off. The training loop calls its ``step()`` between
     committed steps (not after the last) and ``stop()`` at the end, which saves a window the run ends in.
-    ``first_step`` is the global step the loop runs next; traces go to
-    ``folder/iteration_{step}/rank{rank}_trace.json.gz``, named by ``current_step()`` when a window ends."""
+    ``current_step()`` is the last completed global step: the profiler starts at the one after it, and
+    traces go to ``folder/iteration_{step}/rank{rank}_trace.json.gz``, named by it when a window ends."""
     if not cfg.enable:
         return None
+    first_step = current_step() + 1
 
     def save(prof: torch.profiler.profile) -> None:
         path = folder / f"iteration_{current_step()}" / f"rank{rank}_trace.json.gz"

@@ -305,8 +305,7 @@ class Trainer:
         it = iter(self.train_loader)
         start, start_step = time.perf_counter(), self.step  # a resumed run's ETA counts only its own steps
         batches = None  # kept while a step does not commit (ft): it is retried with the same batches
-        profiler = build_profiler(job.profiling, self.dump / job.profiling.folder, self.rank, self.step + 1,
-                                  lambda: self.step)
+        profiler = build_profiler(job.profiling, self.dump / job.profiling.folder, self.rank, lambda: self.step)
         try:
             while self.step < t.steps:
                 if self.ft is not None:

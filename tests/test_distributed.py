@@ -370,12 +370,12 @@ def train_four_steps(model: HNetForCausalLM, on_step=lambda: None) -> list[float
     return losses
 
 
-
 def test_inner_units_reshard_by_default_only_when_sharded_over_several_ranks():
     assert reshard_after_forward("default", 1) == (False, False)  # one rank: nothing sharded to free
     assert reshard_after_forward("default", 8) == (True, False)  # the root is needed first in backward
     assert reshard_after_forward("always", 1) == (True, True)
     assert reshard_after_forward("never", 8) == (False, False)
+
 
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_and_compile_once_more_for_new_lengths():
