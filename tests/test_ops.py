@@ -267,7 +267,8 @@ def case(lengths, Q, seed, D, A, bias):
     dt_raw[0, 0] = 25.0  # above the softplus threshold: passed through
     dt = F.softplus(dt_raw + bias, threshold=20)
     dstates = torch.randn(nc, H, P, N, generator=g)
-    # The other kernels' terms of dA's gradient: by increment, by cumsum position, by chunk end.
+    # The other kernels' terms of dA's gradient: by increment (handed over as the differences whose cumsum
+    # it is, as mamba_ssm's dB kernel leaves it), by cumsum position, by chunk end.
     g_inc, g_cs, g_end = torch.randn(nc, Q, H, generator=g), torch.randn(nc, Q, H, generator=g), torch.randn(nc, H, generator=g)
     pad = lambda t: torch.cat([t, t.new_zeros(nc * Q - T, *t.shape[1:])])  # dt 0 past the end, as mamba_ssm's
     dA = pad(dt * A).view(nc, Q, H).cumsum(1)
@@ -302,7 +303,8 @@ def case(lengths, Q, seed, D, A, bias):
     lay = lambda t: pad(t).view(nc, Q, H).permute(2, 0, 1)  # (T, H) -> (H, nc, Q)
     return dict(x=x, dy=dy, B=B, C=C, dt=lay(dt), dA=dA.permute(2, 0, 1), CB=CB, states=states, dstates=dstates,
                 seq=seq, y=ssd_scan_reference(x, dt, A, B, C, chunk_size=Q, seq_idx=seq, D=D), dt_raw=dt_raw,
-                ddA_next=g_inc.permute(2, 0, 1), ddA_prev=g_cs.permute(2, 0, 1), ddA_end=g_end.t(),
+                ddA_next=g_inc.diff(dim=1, prepend=torch.zeros(nc, 1, H)).permute(2, 0, 1),
+                ddA_prev=g_cs.permute(2, 0, 1), ddA_end=g_end.t(),
                 dx=grads[0], dD=grads[1], ddt_raw=grads[2], dA_param=grads[3], dbias=grads[4], ddt=lay(grads[5]),
                 ddA_scan=grads[6].permute(2, 0, 1))
 

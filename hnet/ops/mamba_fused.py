@@ -45,7 +45,7 @@ def available() -> bool:
     """True when this mamba_ssm exposes the kernel wrappers the function composes."""
     try:
         _kernels()
-    except ImportError as e:
+    except (ImportError, AttributeError) as e:  # an older layout: no determinism helpers, other kernel arguments
         logger.warning("mamba_ssm internals not found (%s): Mamba2 uses the library's split-conv-scan, "
                        "which recomputes its chunk states in the backward", e)
         return False
@@ -57,6 +57,7 @@ def _kernels() -> SimpleNamespace:
     from hnet.ops import conv_triton, ssd_triton
     from hnet.ops.tuned_launch import install_mamba_ssm
     from mamba_ssm.ops.triton import layernorm_gated, ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing
+    from mamba_ssm.utils import determinism
 
     install_mamba_ssm()
 
@@ -66,11 +67,16 @@ def _kernels() -> SimpleNamespace:
         norm_fwd=layernorm_gated._layer_norm_fwd, norm_bwd_kernel=layernorm_gated._layer_norm_bwd_kernel,
         bmm_fwd=ssd_bmm._bmm_chunk_fwd, bmm_bwd=ssd_bmm._bmm_chunk_bwd,
         cumsum_fwd=ssd_chunk_state._chunk_cumsum_fwd, dt_bwd=ssd_triton.dt_grad,
-        state_fwd=ssd_chunk_state._chunk_state_fwd, state_bwd_db=ssd_chunk_state._chunk_state_bwd_db,
+        state_fwd=ssd_chunk_state._chunk_state_fwd,
         passing_fwd=ssd_state_passing._state_passing_fwd, passing_bwd=ssd_state_passing._state_passing_bwd,
         scan_fwd=ssd_triton.chunk_scan_fwd, scan_bwd_dx=ssd_triton.chunk_scan_bwd_dx,
-        scan_bwd_dstates=ssd_chunk_scan._chunk_scan_bwd_dstates, scan_bwd_dC=ssd_chunk_scan._chunk_scan_bwd_dC,
-        scan_bwd_dcb=ssd_chunk_scan._chunk_scan_bwd_dcb,
+        scan_bwd_dstates=ssd_chunk_scan._chunk_scan_bwd_dstates,
+        db_kernel=ssd_chunk_state._chunk_state_bwd_db_kernel, dc_kernel=ssd_chunk_scan._chunk_scan_bwd_dc_kernel,
+        dcb_kernel=ssd_chunk_scan._chunk_scan_bwd_dcb_kernel,
+        db_min_block_n=ssd_chunk_state._CHUNK_STATE_BWD_DB_MIN_BLOCK_N,
+        dc_min_block_n=ssd_chunk_scan._CHUNK_SCAN_BWD_DC_MIN_BLOCK_N,
+        deterministic=determinism.use_deterministic_mode, tiles=determinism.alloc_tile_workspace,
+        tiles_sum=determinism.finalize_tile_workspace,
     )
 
 
@@ -129,7 +135,7 @@ def _gated_norm_bwd(k: SimpleNamespace, dy, y, weight, eps: float, rstd, z, dz, 
     """
     M, N = y.shape
     ngroups = N // group_size
-    block = 1 << (group_size - 1).bit_length()  # next power of two
+    block = _pow2(group_size)
     warps = min(max(block // 256, 1), 8)  # the library's choice
     sms = torch.cuda.get_device_properties(y.device).multi_processor_count
     programs = 2 * math.ceil(sms * math.ceil(4 / warps) / ngroups)
@@ -143,6 +149,83 @@ def _gated_norm_bwd(k: SimpleNamespace, dy, y, weight, eps: float, rstd, z, dz, 
             BLOCK_N=block, NORM_BEFORE_GATE=norm_before_gate, IS_RMS_NORM=True, num_warps=warps,
         )
     return dx, dw.sum(0).to(weight.dtype), out
+
+
+def _head_splits(x: torch.Tensor, nchunks: int, ngroups: int) -> tuple[int, int]:
+    """Heads per program and programs per group, as mamba_ssm's backward wrappers choose them: few heads per
+    program where there are few chunks, so every SM gets work."""
+    batch, _, nheads, _ = x.shape
+    per_group = nheads // ngroups
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    per_program = max(min(math.ceil(batch * nchunks * nheads / sms), per_group), 1)
+    return per_program, math.ceil(per_group / per_program)
+
+
+def _sum_splits(t: torch.Tensor) -> torch.Tensor:
+    """The per-split partial outputs (dim 2) added up; one split is a view, where the library copies it."""
+    return t.squeeze(2) if t.shape[2] == 1 else t.sum(2)
+
+
+def _grid(rows: int, cols: int, chunks: int, splits: int):
+    """mamba_ssm's backward grid: (row tile x column tile, batch x chunk, split x group)."""
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return math.ceil(rows / meta["BLOCK_SIZE_M"]) * math.ceil(cols / meta["BLOCK_SIZE_N"]), chunks, splits
+
+    return grid
+
+
+# mamba_ssm's dB, dC and dC.B kernels, launched as its wrappers launch them, less two things: the sum over
+# per-split outputs, a copy when there is one split (1stage_L: 0.14 ms and three launches per layer), and the
+# cumsum of dA's chunk-state term, which ``dt_grad`` takes. ``det`` is the library's deterministic mode:
+# per-tile partial sums of dA's terms instead of atomic adds. The kernels' arguments are mamba_ssm 2.3's.
+
+def _bc_grad(k: SimpleNamespace, kernel, min_block_n: int, rows, states, bc, dt, dA_cumsum, seq_idx, ngroups: int):
+    """B's or C's gradient through the chunk states (fp32) and dA's term from it, from mamba_ssm's dB kernel
+    (rows x, states the passed-on states' gradient, dt given) or dC kernel (rows dy, the states entering each
+    chunk, no dt): both reduce the (rows, heads) x (heads, states) products over heads, in splits of heads."""
+    batch, T, nheads, headdim = rows.shape
+    nchunks, Q = dA_cumsum.shape[2:]
+    dstate = bc.shape[-1]
+    det = k.deterministic()
+    ddA, tile_stride = k.tiles((batch, nheads, nchunks, Q), math.ceil(dstate / min_block_n), torch.float32,
+                               rows.device, det, zero_init=True)
+    per_program, splits = _head_splits(rows, nchunks, ngroups)
+    grad = torch.empty(batch, T, splits, ngroups, dstate, device=rows.device, dtype=torch.float32)
+    by_chunk = [dA_cumsum] if dt is None else [dt, dA_cumsum]
+    with launch_device(rows):
+        kernel[_grid(Q, dstate, batch * nchunks, splits * ngroups)](
+            rows, states, bc, *by_chunk, seq_idx, grad, ddA, Q, dstate, headdim, batch, T, nheads, per_program,
+            ngroups, *rows.stride(), *states.stride(), *bc.stride(), *(s for t in by_chunk for s in _chunk_major(t)),
+            *seq_idx.stride(), *grad.stride(), *_chunk_major(ddA), tile_stride,
+            HAS_DDA_CS=True, HAS_SEQ_IDX=True, DETERMINISTIC_REDUCTION=det, BLOCK_SIZE_K=_pow2(headdim, 16),
+        )
+    return _sum_splits(grad), k.tiles_sum(ddA, det)
+
+
+def _scan_bwd_dcb(k: SimpleNamespace, x, dt, dA_cumsum, dy, seq_idx, ngroups: int):
+    """The gradient of C.B within chunks (fp32, (b, nchunks, G, Q, Q))."""
+    batch, T, nheads, headdim = x.shape
+    _, _, nchunks, Q = dt.shape
+    per_program, splits = _head_splits(x, nchunks, ngroups)
+    dcb = torch.empty(batch, nchunks, splits, ngroups, Q, Q, device=x.device, dtype=torch.float32)
+    with launch_device(x):
+        k.dcb_kernel[_grid(Q, Q, batch * nchunks, splits * ngroups)](
+            x, dy, None, dt, dA_cumsum, seq_idx, dcb, None, Q, headdim, batch, T, nheads, per_program, ngroups,
+            *x.stride(), *dy.stride(), 0, 0, 0, 0, 0, *_chunk_major(dt), *_chunk_major(dA_cumsum), *seq_idx.stride(),
+            *dcb.stride(), 0, 0, 0, 0, 0,
+            HAS_DDA_CS=False, HAS_SEQ_IDX=True, BLOCK_SIZE_K=_pow2(headdim, 16),
+        )
+    return _sum_splits(dcb)
+
+
+def _chunk_major(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """Strides of a (b, H, nchunks, Q) tensor in the order the library's kernels take them: b, chunk, head, Q."""
+    return t.stride(0), t.stride(2), t.stride(1), t.stride(3)
+
+
+def _pow2(n: int, least: int = 1) -> int:
+    """The next power of two, at least ``least`` (a block covering n; tl.dot's blocks are at least 16)."""
+    return max(1 << (n - 1).bit_length(), least)
 
 
 def _split(zxbcdt: torch.Tensor, conv_dim: int, nheads: int):
@@ -228,9 +311,11 @@ class SplitConvScan(torch.autograd.Function):
         )
         dstates, states_lp = dstates.view_as(states), states_lp.view_as(states)
         _, ddt, ddA_scan, dD = k.scan_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx=dx)
-        dB_local, ddA_next = k.state_bwd_db(x, dt, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups)
-        dC_local, ddA_prev = k.scan_bwd_dC(states_lp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups)
-        dCB = k.scan_bwd_dcb(x, dt, dA_cumsum, dy, seq_idx=seq_idx, ngroups=ngroups).to(CB.dtype)
+        # dA's terms: by increment before its cumsum (dB's), by cumsum position (dC's); dt_bwd adds them up
+        dB_local, ddA_next = _bc_grad(k, k.db_kernel, k.db_min_block_n, x, dstates, B, dt, dA_cumsum, seq_idx, ngroups)
+        dC_local, ddA_prev = _bc_grad(k, k.dc_kernel, k.dc_min_block_n, dy, states_lp, C, None, dA_cumsum, seq_idx,
+                                      ngroups)
+        dCB = _scan_bwd_dcb(k, x, dt, dA_cumsum, dy, seq_idx, ngroups)
         k.bmm_bwd(C, dCB, residual=dB_local, out=dB)
         k.bmm_bwd(B, dCB.transpose(-1, -2), residual=dC_local, out=dC)
         dA, ddt_bias = k.dt_bwd(ddA_scan, ddA_next, ddA_prev, ddA_chunk_end, ddt, dt, dt_raw, A, dt_bias, ddt_raw)

@@ -216,7 +216,7 @@ def _dt_grad_kernel(
     # Through the chunk-start states, by cumsum position: every increment up to it moves it.
     end = tl.load(end_ptr + (b * H + offs_h) * nchunks + c, mask=in_h, other=0.0)
     prev = tl.load(prev_ptr + hq, mask=mask, other=0.0) + tl.where(offs_q[None, :] == Q - 1, end[:, None], 0.0)
-    ddA += tl.cumsum(prev, axis=1, reverse=True) + tl.load(next_ptr + hq, mask=mask, other=0.0)
+    ddA += tl.cumsum(prev, axis=1, reverse=True) + tl.cumsum(tl.load(next_ptr + hq, mask=mask, other=0.0), axis=1)
 
     valid = mask & (offs_q[None, :] < rows)
     ddA = tl.where(valid, ddA, 0.0)
@@ -311,12 +311,13 @@ def dt_grad(scan: ScanDdA, ddA_next: torch.Tensor, ddA_prev: torch.Tensor, ddA_c
             ddt_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gradients of dt before its softplus, of A and of dt's bias, from every term of dA's gradient.
 
-    dA's cumsum is of dt A, dt = softplus(dt_raw + dt_bias). The terms: the chunk scan's (``scan``) and the
-    chunk states' (``ddA_next``) by increment, the chunk-start states' by cumsum position (``ddA_prev``)
-    and the passed-on states' by chunk end (``ddA_chunk_end``, (b, H, nchunks)); ddt is dt's own gradient
+    dA's cumsum is of dt A, dt = softplus(dt_raw + dt_bias). The terms: the chunk scan's (``scan``) by
+    increment, the chunk states' as mamba_ssm's dB kernel leaves it (``ddA_next``: its cumsum is the term by
+    increment), the chunk-start states' by cumsum position (``ddA_prev``) and the passed-on states' by chunk
+    end (``ddA_chunk_end``, (b, H, nchunks)); ddt is dt's own gradient
     with dA held; all fp32 in dt's (b, H, nchunks, Q) layout. Writes dt_raw's gradient into ``ddt_raw``
     ((b, T, H), any strides) and returns dA's and dt_bias's, fp32, in the fixed order of a sum over chunks.
-    This is mamba_ssm's reverse cumsum, sums and ``_chunk_cumsum_bwd`` in one launch (no atomics).
+    This is mamba_ssm's two cumsums, sums and ``_chunk_cumsum_bwd`` in one launch (no atomics).
     """
     batch, H, nchunks, Q = dt.shape
     T = dt_raw.shape[1]
