@@ -10,12 +10,13 @@ rounding flips decisions and the two runs would compare different sequences). Re
 error ||fast - ref|| / ||ref|| of logits, of all gradients together and of every parameter's gradient,
 next to the same errors of the reference path run in bf16 (the bf16 floor: per-head scalars such as
 A_log and dt_bias sum over every position and are noisy in bf16 whatever the kernels). Pass: logits
-and all gradients within the tolerance, and each parameter's gradient within it or within 1.5 x the
+and all gradients within the tolerance, and each parameter's gradient within it or within 2.5 x the
 largest floor among the parameters of its kind (its name without the layer path, e.g. every
 ``mixer.A_log``). One tensor's floor is a single noisy sample (the kernels round elsewhere than the
 reference and accumulate with atomics: fast / own floor measured up to 2.5 at 8 x 8192 bytes); the
-largest over a kind is what bf16 permits for it (fast / kind floor measured at most 1.12), while a
-kernel bug shows as errors of order one. ``--trained`` runs the fast model as the trainer does:
+largest over a kind is what bf16 permits for it. Fast / kind floor: at most 1.12 at first, then 1.27-1.78
+for hnet_2stage_L compiled, from run to run of the same code (mamba_ssm's atomic adds; session 12, the
+decoders' A_log), while a kernel bug shows as errors of order one. ``--trained`` runs the fast model as the trainer does:
 compiled (hnet_titan.parallelize.apply_compile) and with TF32 for its fp32 matmuls.
 Needs a CUDA GPU.
 """
@@ -45,7 +46,7 @@ from hnet_titan.parallelize import apply_compile, set_tf32  # noqa: E402
 
 REFERENCE = {"ssd": "torch", "conv": "torch", "attention": "sdpa", "norm": "torch"}
 FAST = {"ssd": "auto", "conv": "auto", "attention": "auto", "norm": "auto"}
-TOLERANCE_FLOOR_FACTOR = 1.5
+TOLERANCE_FLOOR_FACTOR = 2.5
 COMPRESSION = {"hnet_1stage_L": [6.0], "hnet_2stage_L": [3.0, 3.0], "hnet_1stage_XL": [6.0], "hnet_2stage_XL": [3.0, 3.0]}
 
 
