@@ -110,7 +110,7 @@ def check_ops(docs: int, doc_len: int) -> dict[str, dict[str, float]]:
         ),
     }
     for window in (1023, -1):
-        results[f"attention window {window} (varlen)"] = run_both(
+        results[f"attention window {window} ({ops.resolve('attention', dev, torch.bfloat16)})"] = run_both(
             lambda q, k, v: packed_attention(q, k, v, cu, doc_len, window),
             [rnd(T, 16, 64), rnd(T, 16, 64), rnd(T, 16, 64)], FAST,
         )

@@ -400,6 +400,84 @@ def test_packed_attention_small_block_grouping(monkeypatch):
     torch.testing.assert_close(out, attention_per_document(q, k, v, lengths, 2), rtol=1e-5, atol=1e-5)
 
 
+class _FakeFA4:
+    """``flash_attn.cute.interface``'s two launch functions on the CPU, over the reference: they check what the
+    custom ops hand them and return what the package returns (five values forward, three backward)."""
+
+    def __init__(self, lengths: list[int]):
+        self.lengths, self.calls = lengths, []
+
+    def _window(self, causal, window_size_left, **kwargs):
+        assert causal and "window_size_right" not in kwargs  # causal sets the right edge
+        assert window_size_left is None or window_size_left >= 0  # the package reads -1 as a window, not none
+        return -1 if window_size_left is None else window_size_left
+
+    def _check_layout(self, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        assert cu_seqlens_q is cu_seqlens_k and torch.equal(cu_seqlens_q, cu(self.lengths))
+        assert max_seqlen_q == max_seqlen_k == max(self.lengths)
+
+    def scores(self, q, k, window, scale):
+        """(H, T, T) scaled scores, -inf outside the document's causal window; and the scale."""
+        T, H, Dh = q.shape
+        doc = torch.repeat_interleave(torch.arange(len(self.lengths)), torch.tensor(self.lengths))
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        mask = (doc[:, None] == doc[None, :]) & (j <= i) & ((i - j <= window) if window >= 0 else True)
+        scale = Dh**-0.5 if scale is None else scale
+        return (torch.einsum("thd,shd->hts", q, k) * scale).masked_fill(~mask, float("-inf")), scale
+
+    def _flash_attn_fwd(self, q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                        return_lse, **kwargs):
+        self._check_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        window = self._window(**kwargs)
+        self.calls.append(("fwd", window, softmax_scale))
+        assert return_lse
+        out = packed_attention_reference(q, k, v, cu_seqlens_q, window, softmax_scale)
+        return out, self.scores(q, k, window, softmax_scale)[0].logsumexp(-1), None, None, None  # lse (H, T)
+
+    def _flash_attn_bwd(self, q, k, v, out, dout, lse, *, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k, deterministic, **kwargs):
+        self._check_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        window = self._window(**kwargs)
+        self.calls.append(("bwd", window, softmax_scale))
+        assert dout.is_contiguous()
+        scores, scale = self.scores(q, k, window, softmax_scale)
+        p = (scores - lse[..., None]).exp()  # the softmax from the forward's lse, as FlashAttention's backward
+        dp = torch.einsum("thd,shd->hts", dout, v)
+        ds = p * (dp - torch.einsum("thd,thd->ht", dout, out)[..., None])
+        dq, dk = torch.einsum("hts,shd->thd", ds, k) * scale, torch.einsum("hts,thd->shd", ds, q) * scale
+        return dq, dk, torch.einsum("hts,thd->shd", p, dout), None  # the package's fourth: the sink's gradient
+
+
+@pytest.mark.parametrize("window, scale", [(-1, None), (3, 0.7)])
+def test_flash_attn_4_custom_ops(monkeypatch, window, scale):
+    """packed_attention's FlashAttention-4 path: what its custom ops hand the package, the gradients through them,
+    and one graph with no break under torch.compile (the package's functions run on the CPU reference here)."""
+    import types
+
+    lengths = [1, 6, 2, 9]
+    fake = _FakeFA4(lengths)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", types.SimpleNamespace(
+        _flash_attn_fwd=fake._flash_attn_fwd, _flash_attn_bwd=fake._flash_attn_bwd))
+    monkeypatch.setattr(attention_ops, "resolve", lambda op, device, dtype: "flash_attn_4")
+    q, k, v = qkv(sum(lengths), seed=3)
+    dout = torch.randn(sum(lengths), 2, 16)[..., ::2]  # not contiguous: the backward hands on a contiguous copy
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = packed_attention_reference(*leaves, cu(lengths), window, scale)
+    expected_grads = torch.autograd.grad(expected, leaves, dout)
+
+    def loss(q, k, v):
+        return packed_attention(q, k, v, cu(lengths), max(lengths), window, scale)
+
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        fake.calls.clear()
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        for got, ref in zip(torch.autograd.grad(out, leaves, dout), expected_grads):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert fake.calls == [("fwd", window, scale), ("bwd", window, scale)]
+
+
 # ---- backend selection ---------------------------------------------------------------------------
 
 
@@ -433,7 +511,7 @@ def test_forced_cuda_backend_fails_on_cpu_when_run(restore_backends):
     ssd_scan(x, dt, -torch.ones(1), B, C, chunk_size=4, seq_idx=sidx)  # the reference runs
     with pytest.raises(BackendError, match=r"conv backend 'cuda' cannot run on cpu"):
         causal_conv1d(torch.randn(T, 3), torch.randn(3, 4), None, sidx)
-    for name in ("flash_attn", "varlen", "flex"):
+    for name in ("flash_attn_4", "flash_attn", "varlen", "flex"):
         hnet.ops.configure(attention=name)
         with pytest.raises(BackendError, match=rf"attention backend '{name}' cannot run on cpu"):
             packed_attention(q, k, v, cu([T]), T)
@@ -453,7 +531,7 @@ def test_selection_on_a_gpu_with_every_package(restore_backends, monkeypatch):
 
     monkeypatch.setitem(backend._INSTALLED, "mamba_ssm", True)
     monkeypatch.setitem(backend._INSTALLED, "causal_conv1d", True)
-    monkeypatch.setitem(backend._INSTALLED, "flash_attn", True)
+    monkeypatch.setitem(backend._INSTALLED, "flash_attn_2_cuda", True)
     cuda = torch.device("cuda")
     assert hnet.ops.selection(cuda, torch.bfloat16) == {
         "ssd": "triton", "conv": "cuda", "attention": "flash_attn", "norm": "triton",
@@ -466,6 +544,28 @@ def test_selection_on_a_gpu_with_every_package(restore_backends, monkeypatch):
     assert hnet.ops.selection(cuda, torch.bfloat16, compiled=True)["norm"] == "triton"
     with pytest.raises(BackendError, match=r"norm backend 'triton' cannot run on cpu"):
         hnet.ops.selection(torch.device("cpu"), torch.float32)
+
+    # FlashAttention-4 as well: the automatic choice from Hopper on, FlashAttention-2 before it.
+    monkeypatch.setitem(backend._INSTALLED, "flash_attn.cute", True)
+    for major, chosen in ((9, "flash_attn_4"), (10, "flash_attn_4"), (8, "flash_attn")):
+        monkeypatch.setattr(backend, "capability", lambda device: major)
+        assert hnet.ops.resolve("attention", cuda, torch.bfloat16) == chosen
+        assert hnet.ops.resolve("attention", cuda, torch.float32) == "sdpa"
+    hnet.ops.configure(attention="flash_attn_4")  # forced, it runs wherever the package does
+    assert hnet.ops.resolve("attention", cuda, torch.bfloat16) == "flash_attn_4"
+
+
+def test_flash_attn_2_is_not_flash_attn_4s_namespace(tmp_path, monkeypatch):
+    """flash-attn-4 alone installs flash_attn/cute/ with no flash_attn/__init__.py: ``import flash_attn`` works
+    then, but FlashAttention-2 is not there, and the backend check must say so."""
+    from hnet.ops import backend
+
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert backend.installed("flash_attn") and backend.installed("flash_attn.cute")
+    assert not backend.installed("flash_attn_2_cuda") and not backend.installed("flash_attn.other")
+    assert backend.installed("torch.nn.attention.varlen") and not backend.installed("no_such_package.cute")
 
 
 def test_compiled_code_resolves_without_logging(restore_backends, monkeypatch):

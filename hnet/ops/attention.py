@@ -29,6 +29,8 @@ def packed_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     backend = resolve("attention", q.device, q.dtype)
+    if backend == "flash_attn_4":
+        return _fa4_fwd(q, k, v, cu_seqlens, max_seqlen, window, scale)[0]
     if backend == "varlen":
         return _varlen(q, k, v, cu_seqlens, max_seqlen, window, scale)
     if backend == "flash_attn":
@@ -46,6 +48,67 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, window, scale):
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
         softmax_scale=scale, causal=True, window_size=(window, -1),
     )
+
+
+# FlashAttention-4 (flash-attn-4's CuTe kernels, ``flash_attn.cute``) as custom ops: compiled blocks call them
+# in place, where dynamo could not trace the package's Python launch path. On an H100 its kernels take 0.72x
+# FlashAttention-2's time at hnet_1stage_L's main-network shape and 0.55x with a 1023-position window
+# (docs/performance.md, change 41). The package's launch functions are the ones torch's own FA4 integration
+# (torch.nn.attention._fa4) calls; they take FlashAttention-2's layouts: (T, H, Dh), lse (H, T) fp32.
+
+def _fa4_window(window: int) -> int | None:
+    return window if window >= 0 else None
+
+
+@torch.library.custom_op("hnet::fa4_varlen_fwd", mutates_args=())
+def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+             window: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse = _flash_attn_fwd(  # releases differ in what follows (out, lse)
+        q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+        softmax_scale=scale, causal=True, window_size_left=_fa4_window(window), return_lse=True,
+    )[:2]
+    return out, lse
+
+
+@_fa4_fwd.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, window, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("hnet::fa4_varlen_bwd", mutates_args=())
+def _fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, window: int,
+             scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(
+        q, k, v, out, dout, lse, softmax_scale=scale, causal=True, window_size_left=_fa4_window(window),
+        cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+        deterministic=torch.are_deterministic_algorithms_enabled(),
+    )[:3]
+    return dq, dk, dv
+
+
+@_fa4_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_save(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens, max_seqlen, window, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+    ctx.max_seqlen, ctx.window, ctx.scale = max_seqlen, window, scale
+
+
+def _fa4_grad(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _fa4_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_fa4_fwd.register_autograd(_fa4_grad, setup_context=_fa4_save)
 
 
 try:  # since torch 2.9; with a sliding window (and the aten ops' window arguments) since 2.10

@@ -6,14 +6,17 @@ used automatically on CUDA tensors when their package imports. ``configure`` for
 Inside ``torch.compile`` the automatic choice for the norms is the reference: Inductor fuses its
 few elementwise lines and the reduction with the residual add and casts around it, which a separate
 Triton kernel would fence off. The other fast backends are opaque to dynamo (their calls run eagerly
-between compiled graphs), except PyTorch's varlen attention, whose aten ops compile in place.
+between compiled graphs), except PyTorch's varlen attention, whose aten ops compile in place, and
+FlashAttention-4, custom ops that compiled graphs call in place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
+from pathlib import Path
 
 import torch
 
@@ -23,7 +26,8 @@ logger = logging.getLogger("hnet.ops")
 BACKENDS: dict[str, tuple[str, dict[str, str | None]]] = {
     "ssd": ("torch", {"triton": "mamba_ssm"}),
     "conv": ("torch", {"cuda": "causal_conv1d"}),
-    "attention": ("sdpa", {"flash_attn": "flash_attn", "varlen": "torch.nn.attention.varlen", "flex": None}),
+    "attention": ("sdpa", {"flash_attn_4": "flash_attn.cute", "flash_attn": "flash_attn_2_cuda",
+                           "varlen": "torch.nn.attention.varlen", "flex": None}),
     "norm": ("torch", {"triton": "mamba_ssm"}),
 }
 _forced: dict[str, str] = {op: "auto" for op in BACKENDS}
@@ -55,17 +59,40 @@ def configure(**choices: str) -> None:
         _forced[op] = name
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` is there to import, found without importing it or its packages.
+
+    FlashAttention-2 is found by its compiled kernels, ``flash_attn_2_cuda``: FlashAttention-4 (flash-attn-4)
+    installs ``flash_attn.cute`` without ``flash_attn/__init__.py``, which makes ``flash_attn`` itself an
+    importable namespace package that holds none of FlashAttention-2's functions.
+    """
+    top, _, rest = module.partition(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not rest:
+        return spec is not None
+    sub = Path(*rest.split("."))
+    return any((Path(p) / sub).is_dir() or (Path(p) / sub).with_suffix(".py").is_file()
+               for p in spec.submodule_search_locations or ())
+
+
 # Whether each backend's package is installed, looked up once: ``resolve`` also runs while dynamo
 # traces a compiled block, where an import-system call would break the graph.
-_INSTALLED = {
-    module: importlib.util.find_spec(module) is not None
-    for _, fast in BACKENDS.values() for module in fast.values() if module is not None
-}
+_INSTALLED = {module: installed(module) for _, fast in BACKENDS.values() for module in fast.values() if module}
 # Ops whose reference Inductor fuses better than the fast kernel: the automatic choice while compiling.
 _COMPILED_PREFERS_REFERENCE = {"norm"}
 
-# Flash-attention kernels (flash_attn, PyTorch varlen) take only half-precision inputs.
-_HALF_ONLY = {("attention", "flash_attn"), ("attention", "varlen")}
+# Flash-attention kernels (FlashAttention-4 and -2, PyTorch varlen) take only half-precision inputs.
+_HALF_ONLY = {("attention", "flash_attn_4"), ("attention", "flash_attn"), ("attention", "varlen")}
+# Fast backends the automatic choice takes only from this compute capability (major) on: FlashAttention-4's
+# kernels were measured faster than FlashAttention-2's on Hopper (docs/performance.md, change 41).
+_AUTO_FROM_CAPABILITY = {("attention", "flash_attn_4"): 9}
+
+
+@torch.compiler.assume_constant_result  # read while dynamo traces a block: a constant, not a graph break
+@functools.cache
+def capability(device: torch.device) -> int:
+    """The CUDA device's compute capability, major version (9 for Hopper)."""
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def _available(op: str, name: str, device: torch.device, dtype: torch.dtype | None) -> bool:
@@ -92,7 +119,13 @@ def _pick(op: str, device: torch.device, dtype: torch.dtype | None, compiled: bo
     ref, fast = BACKENDS[op]
     if compiled and op in _COMPILED_PREFERS_REFERENCE:
         return ref
-    return next((n for n in fast if n != "flex" and _available(op, n, device, dtype)), ref)
+    return next((n for n in fast if n != "flex" and _available(op, n, device, dtype) and _auto_fits(op, n, device)),
+                ref)
+
+
+def _auto_fits(op: str, name: str, device: torch.device) -> bool:
+    least = _AUTO_FROM_CAPABILITY.get((op, name))
+    return least is None or capability(device) >= least
 
 
 def resolve(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
