@@ -61,7 +61,8 @@ class Model:
     config_path: str = ""  # reference-format JSON; overrides flavor when set
     ssd_backend: Literal["auto", "torch", "triton"] = "auto"  # Mamba-2 SSD scan kernels
     conv_backend: Literal["auto", "torch", "cuda"] = "auto"  # causal depthwise conv kernels
-    attn_backend: Literal["auto", "sdpa", "varlen", "flash_attn", "flash_attn_4", "flex"] = "auto"  # attention kernels
+    # attention kernels
+    attn_backend: Literal["auto", "sdpa", "varlen", "flash_attn", "flash_attn_4", "flex"] = "auto"
     norm_backend: Literal["auto", "torch", "triton"] = "auto"  # RMSNorm kernels
 
 

@@ -14,10 +14,10 @@ and all gradients within the tolerance, and each parameter's gradient within it 
 largest floor among the parameters of its kind (its name without the layer path, e.g. every
 ``mixer.A_log``). One tensor's floor is a single noisy sample (the kernels round elsewhere than the
 reference and accumulate with atomics: fast / own floor measured up to 2.5 at 8 x 8192 bytes); the
-largest over a kind is what bf16 permits for it. Fast / kind floor: at most 1.12 at first, then 1.27-1.78
-for hnet_2stage_L compiled, from run to run of the same code (mamba_ssm's atomic adds; session 12, the
-decoders' A_log), while a kernel bug shows as errors of order one. ``--trained`` runs the fast model as the trainer does:
-compiled (hnet_titan.parallelize.apply_compile) and with TF32 for its fp32 matmuls.
+largest over a kind is what bf16 permits for it. Fast / kind floor: at most 1.12 at first, then
+1.27-1.78 for hnet_2stage_L compiled, from run to run of the same code (mamba_ssm's atomic adds;
+session 12, the decoders' A_log), while a kernel bug shows as errors of order one. ``--trained`` runs
+the fast model as the trainer does: compiled (hnet_titan.parallelize.apply_compile) and with TF32 for its fp32 matmuls.
 Needs a CUDA GPU.
 """
 

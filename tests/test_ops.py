@@ -418,10 +418,9 @@ class _FakeFA4:
 
     def scores(self, q, k, window, scale):
         """(H, T, T) scaled scores, -inf outside the document's causal window; and the scale."""
-        T, H, Dh = q.shape
-        doc = torch.repeat_interleave(torch.arange(len(self.lengths)), torch.tensor(self.lengths))
-        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-        mask = (doc[:, None] == doc[None, :]) & (j <= i) & ((i - j <= window) if window >= 0 else True)
+        Dh = q.shape[-1]
+        mask = attention_ops.document_mask(torch.repeat_interleave(torch.arange(len(self.lengths)),
+                                                                   torch.tensor(self.lengths)), window)
         scale = Dh**-0.5 if scale is None else scale
         return (torch.einsum("thd,shd->hts", q, k) * scale).masked_fill(~mask, float("-inf")), scale
 

@@ -53,7 +53,7 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, window, scale):
 # FlashAttention-4 (flash-attn-4's CuTe kernels, ``flash_attn.cute``) as custom ops: compiled blocks call them
 # in place, where dynamo could not trace the package's Python launch path. On an H100 its kernels take 0.72x
 # FlashAttention-2's time at hnet_1stage_L's main-network shape and 0.55x with a 1023-position window
-# (docs/performance.md, change 41). The package's launch functions are the ones torch's own FA4 integration
+# (docs/performance.md, change 42). The package's launch functions are the ones torch's own FA4 integration
 # (torch.nn.attention._fa4) calls; they take FlashAttention-2's layouts: (T, H, Dh), lse (H, T) fp32.
 
 def _fa4_window(window: int) -> int | None:

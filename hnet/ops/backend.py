@@ -84,7 +84,7 @@ _COMPILED_PREFERS_REFERENCE = {"norm"}
 # Flash-attention kernels (FlashAttention-4 and -2, PyTorch varlen) take only half-precision inputs.
 _HALF_ONLY = {("attention", "flash_attn_4"), ("attention", "flash_attn"), ("attention", "varlen")}
 # Fast backends the automatic choice takes only from this compute capability (major) on: FlashAttention-4's
-# kernels were measured faster than FlashAttention-2's on Hopper (docs/performance.md, change 41).
+# kernels were measured faster than FlashAttention-2's on Hopper (docs/performance.md, change 42).
 _AUTO_FROM_CAPABILITY = {("attention", "flash_attn_4"): 9}
 
 

@@ -137,8 +137,7 @@ def _gated_norm_bwd(k: SimpleNamespace, dy, y, weight, eps: float, rstd, z, dz, 
     ngroups = N // group_size
     block = _pow2(group_size)
     warps = min(max(block // 256, 1), 8)  # the library's choice
-    sms = torch.cuda.get_device_properties(y.device).multi_processor_count
-    programs = 2 * math.ceil(sms * math.ceil(4 / warps) / ngroups)
+    programs = 2 * math.ceil(_sms(y.device) * math.ceil(4 / warps) / ngroups)
     dx, out = torch.empty_like(y), torch.empty_like(y)
     dw = torch.empty(programs, N, device=y.device, dtype=torch.float32)  # per-program partial sums
     with launch_device(y):
@@ -151,13 +150,16 @@ def _gated_norm_bwd(k: SimpleNamespace, dy, y, weight, eps: float, rstd, z, dz, 
     return dx, dw.sum(0).to(weight.dtype), out
 
 
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _head_splits(x: torch.Tensor, nchunks: int, ngroups: int) -> tuple[int, int]:
     """Heads per program and programs per group, as mamba_ssm's backward wrappers choose them: few heads per
-    program where there are few chunks, so every SM gets work."""
+    program where there are few chunks, so every SM gets work. The same for its dB, dC and dC.B kernels."""
     batch, _, nheads, _ = x.shape
     per_group = nheads // ngroups
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    per_program = max(min(math.ceil(batch * nchunks * nheads / sms), per_group), 1)
+    per_program = max(min(math.ceil(batch * nchunks * nheads / _sms(x.device)), per_group), 1)
     return per_program, math.ceil(per_group / per_program)
 
 
@@ -176,20 +178,21 @@ def _grid(rows: int, cols: int, chunks: int, splits: int):
 
 # mamba_ssm's dB, dC and dC.B kernels, launched as its wrappers launch them, less two things: the sum over
 # per-split outputs, a copy when there is one split (1stage_L: 0.14 ms and three launches per layer), and the
-# cumsum of dA's chunk-state term, which ``dt_grad`` takes. ``det`` is the library's deterministic mode:
-# per-tile partial sums of dA's terms instead of atomic adds. The kernels' arguments are mamba_ssm 2.3's.
+# cumsum of dA's chunk-state term, which ``dt_grad`` takes. ``split`` is ``_head_splits``'s; ``det`` the
+# library's deterministic mode: per-tile partial sums of dA's terms instead of atomic adds. The kernels'
+# arguments are mamba_ssm 2.3's.
 
-def _bc_grad(k: SimpleNamespace, kernel, min_block_n: int, rows, states, bc, dt, dA_cumsum, seq_idx, ngroups: int):
+def _bc_grad(k: SimpleNamespace, kernel, min_block_n: int, rows, states, bc, dt, dA_cumsum, seq_idx,
+             split: tuple[int, int], det: bool):
     """B's or C's gradient through the chunk states (fp32) and dA's term from it, from mamba_ssm's dB kernel
     (rows x, states the passed-on states' gradient, dt given) or dC kernel (rows dy, the states entering each
     chunk, no dt): both reduce the (rows, heads) x (heads, states) products over heads, in splits of heads."""
     batch, T, nheads, headdim = rows.shape
     nchunks, Q = dA_cumsum.shape[2:]
-    dstate = bc.shape[-1]
-    det = k.deterministic()
+    ngroups, dstate = bc.shape[-2:]
+    per_program, splits = split
     ddA, tile_stride = k.tiles((batch, nheads, nchunks, Q), math.ceil(dstate / min_block_n), torch.float32,
                                rows.device, det, zero_init=True)
-    per_program, splits = _head_splits(rows, nchunks, ngroups)
     grad = torch.empty(batch, T, splits, ngroups, dstate, device=rows.device, dtype=torch.float32)
     by_chunk = [dA_cumsum] if dt is None else [dt, dA_cumsum]
     with launch_device(rows):
@@ -202,11 +205,11 @@ def _bc_grad(k: SimpleNamespace, kernel, min_block_n: int, rows, states, bc, dt,
     return _sum_splits(grad), k.tiles_sum(ddA, det)
 
 
-def _scan_bwd_dcb(k: SimpleNamespace, x, dt, dA_cumsum, dy, seq_idx, ngroups: int):
+def _scan_bwd_dcb(k: SimpleNamespace, x, dt, dA_cumsum, dy, seq_idx, ngroups: int, split: tuple[int, int]):
     """The gradient of C.B within chunks (fp32, (b, nchunks, G, Q, Q))."""
     batch, T, nheads, headdim = x.shape
     _, _, nchunks, Q = dt.shape
-    per_program, splits = _head_splits(x, nchunks, ngroups)
+    per_program, splits = split
     dcb = torch.empty(batch, nchunks, splits, ngroups, Q, Q, device=x.device, dtype=torch.float32)
     with launch_device(x):
         k.dcb_kernel[_grid(Q, Q, batch * nchunks, splits * ngroups)](
@@ -312,10 +315,12 @@ class SplitConvScan(torch.autograd.Function):
         dstates, states_lp = dstates.view_as(states), states_lp.view_as(states)
         _, ddt, ddA_scan, dD = k.scan_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx=dx)
         # dA's terms: by increment before its cumsum (dB's), by cumsum position (dC's); dt_bwd adds them up
-        dB_local, ddA_next = _bc_grad(k, k.db_kernel, k.db_min_block_n, x, dstates, B, dt, dA_cumsum, seq_idx, ngroups)
+        split, det = _head_splits(x, dt.shape[2], ngroups), k.deterministic()
+        dB_local, ddA_next = _bc_grad(k, k.db_kernel, k.db_min_block_n, x, dstates, B, dt, dA_cumsum, seq_idx, split,
+                                      det)
         dC_local, ddA_prev = _bc_grad(k, k.dc_kernel, k.dc_min_block_n, dy, states_lp, C, None, dA_cumsum, seq_idx,
-                                      ngroups)
-        dCB = _scan_bwd_dcb(k, x, dt, dA_cumsum, dy, seq_idx, ngroups)
+                                      split, det)
+        dCB = _scan_bwd_dcb(k, x, dt, dA_cumsum, dy, seq_idx, ngroups, split)
         k.bmm_bwd(C, dCB, residual=dB_local, out=dB)
         k.bmm_bwd(B, dCB.transpose(-1, -2), residual=dC_local, out=dC)
         dA, ddt_bias = k.dt_bwd(ddA_scan, ddA_next, ddA_prev, ddA_chunk_end, ddt, dt, dt_raw, A, dt_bias, ddt_raw)

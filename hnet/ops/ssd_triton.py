@@ -314,9 +314,9 @@ def dt_grad(scan: ScanDdA, ddA_next: torch.Tensor, ddA_prev: torch.Tensor, ddA_c
     dA's cumsum is of dt A, dt = softplus(dt_raw + dt_bias). The terms: the chunk scan's (``scan``) by
     increment, the chunk states' as mamba_ssm's dB kernel leaves it (``ddA_next``: its cumsum is the term by
     increment), the chunk-start states' by cumsum position (``ddA_prev``) and the passed-on states' by chunk
-    end (``ddA_chunk_end``, (b, H, nchunks)); ddt is dt's own gradient
-    with dA held; all fp32 in dt's (b, H, nchunks, Q) layout. Writes dt_raw's gradient into ``ddt_raw``
-    ((b, T, H), any strides) and returns dA's and dt_bias's, fp32, in the fixed order of a sum over chunks.
+    end (``ddA_chunk_end``, (b, H, nchunks)); ddt is dt's own gradient with dA held; all fp32 in dt's
+    (b, H, nchunks, Q) layout. Writes dt_raw's gradient into ``ddt_raw`` ((b, T, H), any strides) and
+    returns dA's and dt_bias's, fp32, in the fixed order of a sum over chunks.
     This is mamba_ssm's two cumsums, sums and ``_chunk_cumsum_bwd`` in one launch (no atomics).
     """
     batch, H, nchunks, Q = dt.shape
