@@ -4,7 +4,8 @@ Backward: causal_conv1d's channel-last backward runs at a third of an H100's mem
 occupancy (docs/performance.md, change 22). Here each program owns a block of channels and a run of rows
 and walks the rows in order, keeping the last three inputs and pre-activation gradients in registers:
 every row's gradient is computed once (plus three rows of overlap with the next run) and feeds the four
-input rows it came from. Weight and bias gradients are reduced per program, then summed: deterministic.
+input rows it came from; each row is loaded one row ahead of its use (change 44). Weight and bias
+gradients are reduced per program, then summed: deterministic.
 
 Forward: one program per tile of rows and channels reads its rows and the three before them (four
 shifted loads, three of them cache hits), so the input is read from memory about once and the output
@@ -20,8 +21,8 @@ import triton.language as tl
 from hnet.ops.backend import launch_device
 
 WIDTH = 4  # Mamba2's d_conv in every released H-Net
-# Chosen on an H100 at 65,536 rows x 2,304 channels (docs/performance.md, changes 26 and 34).
-ROWS, BLOCK_C, WARPS, STAGES = 64, 128, 2, 1
+# Chosen on an H100 at 65,536 rows x 2,304 channels (docs/performance.md, changes 26, 34 and 44).
+ROWS, BLOCK_C, WARPS, STAGES = 64, 128, 1, 1
 FWD_CONFIG = (32, 128, 4)  # rows, channels, warps per forward program
 
 
@@ -49,18 +50,24 @@ def _conv_silu_fwd_kernel(
 
 
 @triton.jit
-def _row(x_ptr, dy_ptr, seq_ptr, s, T, cols, cmask, stride_x, stride_dy, w0, w1, w2, w3, bias, xa, xb, xc, sa, sb, sc):
-    """Row s of the walk, given rows s-3 .. s-1: its input, document id (-1 past the end), the validity of
-    its taps into rows s-3 .. s-1, and its pre-activation gradient (zero past the end)."""
+def _load_row(x_ptr, dy_ptr, seq_ptr, s, T, cols, cmask, stride_x, stride_dy):
+    """Row s's input, output gradient (both as stored) and document id; zeros and -1 past the end."""
     inside = s < T
-    sd = tl.load(seq_ptr + s, mask=inside, other=-1)
-    xd = tl.load(x_ptr + s * stride_x + cols, mask=cmask & inside, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + s * stride_dy + cols, mask=cmask & inside, other=0.0).to(tl.float32)
+    return (tl.load(x_ptr + s * stride_x + cols, mask=cmask & inside, other=0.0),
+            tl.load(dy_ptr + s * stride_dy + cols, mask=cmask & inside, other=0.0),
+            tl.load(seq_ptr + s, mask=inside, other=-1))
+
+
+@triton.jit
+def _row(xd, dy, sd, w0, w1, w2, w3, bias, xa, xb, xc, sa, sb, sc):
+    """Row s of the walk (its ``_load_row``), given rows s-3 .. s-1: its input in fp32, document id, the
+    validity of its taps into rows s-3 .. s-1, and its pre-activation gradient (zero past the end)."""
+    xd = xd.to(tl.float32)
     # Taps reaching into an earlier document read zero.
     va, vb, vc = (sa == sd).to(tl.float32), (sb == sd).to(tl.float32), (sc == sd).to(tl.float32)
     pre = bias + w3 * xd + w2 * xc * vc + w1 * xb * vb + w0 * xa * va
     sig = 1.0 / (1.0 + tl.exp(-pre))
-    return xd, sd, dy * sig * (1.0 + pre * (1.0 - sig)), va, vb, vc
+    return xd, sd, dy.to(tl.float32) * sig * (1.0 + pre * (1.0 - sig)), va, vb, vc
 
 
 @triton.jit
@@ -101,14 +108,17 @@ def _conv_silu_bwd_kernel(
     # inside the loop below (stores masked) the GPU build wrote wrong input gradients while Triton's
     # interpreter was right (Triton 3.6, H100; the zero-started window carried by the loop is the suspect).
     for i in tl.static_range(3):
-        xd, sd, gd, va, vb, vc = _row(x_ptr, dy_ptr, seq_ptr, t0 + i, T, cols, cmask, stride_x, stride_dy,
-                                      w0, w1, w2, w3, bias, xa, xb, xc, sa, sb, sc)
+        xd, dy, sd = _load_row(x_ptr, dy_ptr, seq_ptr, t0 + i, T, cols, cmask, stride_x, stride_dy)
+        xd, sd, gd, va, vb, vc = _row(xd, dy, sd, w0, w1, w2, w3, bias, xa, xb, xc, sa, sb, sc)
         dw0, dw1, dw2, dw3, db = _sums(dw0, dw1, dw2, dw3, db, gd, xa, xb, xc, xd, va, vb, vc)
         xa, xb, xc, sa, sb, sc, ga, gb, gc = xb, xc, xd, sb, sc, sd, gb, gc, gd
+    # Each row's loads are issued one row ahead, so they wait on memory while the row before is computed.
+    nx, ndy, nsd = _load_row(x_ptr, dy_ptr, seq_ptr, t0 + 3, T, cols, cmask, stride_x, stride_dy)
     for i in range(3, ROWS + 3):
         s = t0 + i
-        xd, sd, gd, va, vb, vc = _row(x_ptr, dy_ptr, seq_ptr, s, T, cols, cmask, stride_x, stride_dy,
-                                      w0, w1, w2, w3, bias, xa, xb, xc, sa, sb, sc)
+        xd, dy, sd = nx, ndy, nsd
+        nx, ndy, nsd = _load_row(x_ptr, dy_ptr, seq_ptr, s + 1, T, cols, cmask, stride_x, stride_dy)
+        xd, sd, gd, va, vb, vc = _row(xd, dy, sd, w0, w1, w2, w3, bias, xa, xb, xc, sa, sb, sc)
         own = (tl.full([BLOCK_C], i, tl.int32) < ROWS).to(tl.float32)  # overlap rows: the next program's sums
         dw0, dw1, dw2, dw3, db = _sums(dw0, dw1, dw2, dw3, db, own * gd, xa, xb, xc, xd, va, vb, vc)
         # Row s-3 now has the four gradients it feeds: rows s-3 .. s, where still in its document.
