@@ -199,13 +199,13 @@ def test_debug_config_trains_end_to_end(tmp_path):
     assert JobConfig.from_toml_string((tmp_path / "config.toml").read_text()).training.steps == 8
 
 
-
 def test_profiling_windows_follow_the_global_step():
     R, S, W, N = "RECORD", "RECORD_AND_SAVE", "WARMUP", "NONE"
     actions = [step_action(Profiling(enable=True, freq=5, warmup=2, active=2), s).name for s in range(1, 11)]
     assert actions == [N, W, W, R, S, N, W, W, R, S]
     assert [step_action(Profiling(freq=3, warmup=0, active=3), s).name for s in (1, 2, 3)] == [R, R, S]
-    with pytest.raises(ConfigError, match=r"profiling.warmup \(2\) \+ profiling.active \(4\) must be <= profiling.freq \(5\)"):
+    message = r"profiling.warmup \(2\) \+ profiling.active \(4\) must be <= profiling.freq \(5\)"
+    with pytest.raises(ConfigError, match=message):
         JobConfig.from_dict({"profiling": {"freq": 5, "warmup": 2, "active": 4}})
 
 
@@ -229,6 +229,7 @@ def test_trainer_writes_a_trace_per_profiling_window(tmp_path):
         "iteration_2/rank0_trace.json.gz": 1, "iteration_4/rank0_trace.json.gz": 1}
     # The run ends inside a window: what it recorded is saved.
     assert profiled(tmp_path / "b", steps=4, freq=5, warmup=1, active=2) == {"iteration_4/rank0_trace.json.gz": 1}
+
 
 def test_user_errors_are_one_line(tmp_path):
     out = subprocess.run(
