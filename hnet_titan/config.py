@@ -34,6 +34,8 @@ from typing import Any, Literal, Mapping, Union
 
 import torch
 
+from hnet.ops import mamba_graphs
+
 # The dtype names configs and command lines accept.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,6 +66,9 @@ class Model:
     # attention kernels
     attn_backend: Literal["auto", "sdpa", "varlen", "flash_attn", "flash_attn_4", "flex"] = "auto"
     norm_backend: Literal["auto", "torch", "triton"] = "auto"  # RMSNorm kernels
+    # On CUDA, Mamba2 layers of at most this many positions replay their forward and backward from CUDA
+    # graphs (hnet.ops.mamba_graphs): inner stages, where the host would set the pace; 0 = never
+    mamba_graph_max_positions: int = mamba_graphs.DEFAULT_MAX_POSITIONS
 
 
 @dataclass
@@ -232,6 +237,7 @@ _RULES = {
     "in [0, 1)": lambda v: 0 <= v < 1,
 }
 _BOUNDS = {
+    "model.mamba_graph_max_positions": ">= 0",
     "training.local_batch_size": ">= 1",
     "training.seq_len": ">= 1",
     "training.global_batch_size": "-1 or >= 1",

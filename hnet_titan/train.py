@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from hnet import HNetConfig, HNetConfigError, ops
+from hnet.ops import mamba_graphs
 from hnet_titan.checkpoint import CheckpointManager, TrainingParts
 from hnet_titan.config import DTYPES, ConfigError, JobConfig
 from hnet_titan.data import DataError, build_dataloader
@@ -158,6 +159,7 @@ class Trainer:
         self.model_config = build_model_config(job)
         ops.configure(ssd=job.model.ssd_backend, conv=job.model.conv_backend,
                       attention=job.model.attn_backend, norm=job.model.norm_backend)
+        mamba_graphs.configure(job.model.mamba_graph_max_positions)
         logger.info("kernel backends: %s", ops.selection(
             self.device, DTYPES[job.training.mixed_precision_param], compiled=job.compile.enable))
         self.dump = Path(job.job.dump_folder)

@@ -19,6 +19,8 @@ Workload
                               fp32 master copy, so its step is cheaper than under FSDP mixed precision
   --compile, --ac             torch.compile of every block and of the routing and dechunk modules, and
                               activation checkpointing, as the trainer applies them (hnet_titan.parallelize)
+  --mamba-graph-max-positions N  CUDA graphs for Mamba2 layers of at most N positions, as the trainer's
+                              model.mamba_graph_max_positions (its default); 0: none
   --no-tf32                   fp32 matmuls (residual_proj) in full fp32 instead of the trainer's default TF32
   --backend-{ssd,conv,attention,norm}  force kernel backends (hnet.ops.configure)
 
@@ -35,7 +37,8 @@ Measurements
                operator name: gemm, ssd, conv, attention, norm, elementwise, other. On CPU the reference
                SSD scan and conv run as plain operators, so their time shows as gemm and elementwise.
 
-JSON report (--out): flavor, device, dtype, rows, seq_len, data, compile, tf32, compiled_frames {warmup, timed}
+JSON report (--out): flavor, device, dtype, rows, seq_len, data, compile, mamba_graph_max_positions, tf32,
+compiled_frames {warmup, timed}
 (dynamo frames compiled in the warm-up and during the timed steps: recompiles show there), ac, force_compression,
 warmup_steps, timed_steps, backends {op: backend}, bytes_per_sec, tflops, mfu_pct (null without a known
 peak), peak_tflops, flops_per_byte, bytes_per_chunk [per routed stage], memory {mem_active_gib,
@@ -61,6 +64,7 @@ from torch.autograd import DeviceType
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hnet import FLAVORS, HNetConfig, HNetForCausalLM, HNetOutput, ops  # noqa: E402
 from hnet.modules.dynamic_chunking import forced_boundaries  # noqa: E402
+from hnet.ops import mamba_graphs  # noqa: E402
 from hnet.ops.backend import BACKENDS, valid_backends  # noqa: E402
 from hnet_titan.config import ActivationCheckpoint, JobConfig  # noqa: E402
 from hnet_titan.data import DataError, build_dataloader  # noqa: E402
@@ -277,6 +281,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(args.seed)
     ops.configure(**{op: getattr(args, f"backend_{op}") for op in BACKENDS})
+    mamba_graphs.configure(args.mamba_graph_max_positions)
     set_tf32(args.tf32)
     config = HNetConfig.from_flavor(args.flavor)
     routed = config.num_stages - 1
@@ -331,7 +336,8 @@ def run(args: argparse.Namespace) -> dict:
         "flavor": args.flavor,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype, "rows": args.rows, "seq_len": args.seq_len, "data": args.data,
-        "compile": args.compile, "tf32": args.tf32, "compiled_frames": {"warmup": frames_warmup, "timed": frames_timed}, "ac": args.ac, "force_compression": force,
+        "compile": args.compile, "mamba_graph_max_positions": args.mamba_graph_max_positions, "tf32": args.tf32,
+        "compiled_frames": {"warmup": frames_warmup, "timed": frames_timed}, "ac": args.ac, "force_compression": force,
         "warmup_steps": args.warmup, "timed_steps": args.steps,
         "backends": ops.selection(device, dtype, compiled=args.compile),
         "bytes_per_sec": throughput["bytes_per_sec"], "tflops": throughput["tflops"],
@@ -403,13 +409,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ac-every", type=int, default=2, help="every_n: checkpoint every n-th block")
     for op in BACKENDS:
         p.add_argument(f"--backend-{op}", choices=valid_backends(op), default="auto")
+    p.add_argument("--mamba-graph-max-positions", type=int, default=JobConfig().model.mamba_graph_max_positions,
+                   help="CUDA graphs for Mamba2 layers of at most this many positions (the trainer's default); 0: none")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU; 0 = look it up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="JSON report path (default outputs/benchmark/FLAVOR.json)")
     p.add_argument("--trace", default="", help="also write the profiled step's Chrome trace here")
     args = p.parse_args(argv)
-    if args.warmup < 0 or args.steps < 1 or args.rows < 1 or args.seq_len < 2:
-        p.error("need --warmup >= 0, --steps >= 1, --rows >= 1 and --seq-len >= 2")
+    if args.warmup < 0 or args.steps < 1 or args.rows < 1 or args.seq_len < 2 or args.mamba_graph_max_positions < 0:
+        p.error("need --warmup >= 0, --steps >= 1, --rows >= 1, --seq-len >= 2 and --mamba-graph-max-positions >= 0")
     if args.force_compression:
         routed = HNetConfig.from_flavor(args.flavor).num_stages - 1
         try:

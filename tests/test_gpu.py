@@ -119,3 +119,68 @@ def test_tuned_launch_matches_the_autotuner():
             setattr(m, name, k)
             del k.tuner.run
     _assert_close(["out", *params], fast, reference)
+
+
+def test_mamba_graphs_match_eager():
+    """A Mamba2 layer replayed from CUDA graphs (hnet.ops.mamba_graphs) == called directly: at a captured length,
+    at a shorter one that reuses the capture over stale padding, after a recapture; and where a graph cannot
+    stand in (a second forward before the first's backward, checkpointing, no autograd) the layer runs eagerly."""
+    import itertools
+
+    from torch.utils.checkpoint import checkpoint
+
+    from hnet import ops
+    from hnet.modules.mamba2 import Mamba2
+    from hnet.modules.packing import PackedSeq
+    from hnet.ops import mamba_graphs
+
+    ops.configure(ssd="triton", conv="cuda")  # the fused path, whatever an earlier test forced
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    m = Mamba2(d=256, d_state=128, d_conv=4, expand=2, chunk_size=256, device=dev, dtype=bf16)
+    m.init_weights(std=0.02, out_std=0.02)
+    params = list(m.parameters())
+    names = ["out", "u", *(n for n, _ in m.named_parameters())]
+
+    def inputs(lengths: list[int], count: int = 1):
+        g = torch.Generator(device=dev).manual_seed(sum(lengths))
+        T = sum(lengths)
+        seq = PackedSeq(torch.tensor([0, *itertools.accumulate(lengths)], device=dev))
+        us = [torch.randn(T, 256, device=dev, dtype=bf16, generator=g).requires_grad_() for _ in range(count)]
+        return seq, us, torch.randn(T, 256, device=dev, dtype=bf16, generator=g)
+
+    def run(lengths: list[int], graphs: bool):
+        mamba_graphs.configure(1 << 20 if graphs else 0)
+        seq, (u,), dout = inputs(lengths)
+        out = m(u, seq)
+        return [out, *torch.autograd.grad(out, [u, *params], dout)]
+
+    try:
+        # 3,000 rows capture 3,072; 2,900 reuse them (the last 172 rows hold 3,000's inputs); 1,000 capture 1,024
+        for lengths, rows in [([700, 1, 299, 1500, 500], 3072), ([700, 1, 299, 1400, 500], 3072), ([900, 100], 1024)]:
+            graphed = run(lengths, graphs=True)
+            assert m.graphs.graphs.rows == rows
+            _assert_close(names, graphed, run(lengths, graphs=False))
+
+        def two_forwards(graphs: bool):
+            mamba_graphs.configure(1 << 20 if graphs else 0)
+            seq, us, dout = inputs([900, 100], count=2)
+            first = m(us[0], seq)
+            assert m.graphs.graphs.busy() == graphs
+            second = m(us[1], seq)  # eager: the graph holds the first one's activations
+            loss = (first.float() * dout).sum() + (second.float() * dout.flip(0)).sum()
+            return torch.autograd.grad(loss, [*us, *params])
+
+        _assert_close(names[1:2] * 2 + names[2:], two_forwards(True), two_forwards(False))
+        assert not m.graphs.graphs.busy()
+
+        mamba_graphs.configure(1 << 20)
+        captured, generation = m.graphs.graphs, m.graphs.graphs.generation
+        seq, (u,), _ = inputs([900, 100])
+        checkpoint(m, u, seq, use_reentrant=False).float().sum().backward()
+        with torch.no_grad():
+            m(u, seq)
+        assert m.graphs.graphs is captured and captured.generation == generation
+    finally:
+        mamba_graphs.configure(mamba_graphs.DEFAULT_MAX_POSITIONS)
+        ops.configure(ssd="auto", conv="auto")

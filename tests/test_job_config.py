@@ -229,6 +229,7 @@ def test_malformed_toml_names_the_file(tmp_path):
         (["--optimizer.lr_multipliers", ""], "optimizer.lr_multipliers must be 'auto' or a non-empty list"),
         (["--model.attn_backend", "flex", "--compile.enable"], "model.attn_backend 'flex' cannot run inside compiled"),
         (["--activation_checkpoint.when_longer_than", "-1"], "activation_checkpoint.when_longer_than must be >= 0"),
+        (["--model.mamba_graph_max_positions", "-1"], "model.mamba_graph_max_positions must be >= 0"),
         (["--loss.ratio_targets", "6,0.5"], "loss.ratio_targets must be a non-empty list of values >= 1"),
         (["--loss.ratio_targets", ""], "loss.ratio_targets must be a non-empty list of values >= 1"),
         (

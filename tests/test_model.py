@@ -377,3 +377,46 @@ def test_lr_multipliers_paper_values():
         lr_multipliers(HNetConfig.from_flavor("hnet_2stage_L"), [6.0])
     with pytest.raises(HNetConfigError, match="ratio_targets"):
         lr_multipliers(HNetConfig.from_flavor("hnet_1stage_L"), [3.0, 3.0])
+
+
+# ---- CUDA graphs' padding (hnet.ops.mamba_graphs) -------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 100, 255, 256, 257, 3000, 21845, 32768, 65536, 100001])
+def test_graph_buckets_pad_little_and_are_reused_nearby(rows):
+    from hnet.ops.mamba_graphs import REUSE, bucket
+
+    b = bucket(rows, 256)
+    assert b >= rows and b % 256 == 0 and b - rows < max(256, rows / 16)
+    assert bucket(b, 256) == b  # a bucket's own length needs no padding
+    # A slightly shorter length reuses the capture; one under REUSE of it captures its own.
+    shorter = int(b * REUSE) + 1
+    assert bucket(shorter, 256) <= b and max(bucket(shorter, 256), shorter / REUSE) >= b
+
+
+def test_padded_rows_change_no_output_or_gradient():
+    """The graphs' padding: rows after the real ones, one more document of stale but finite inputs with a zero
+    output gradient, change neither the real rows' outputs nor any gradient (reference kernels, fp32)."""
+    from hnet.ops.mamba_graphs import bucket, fill_padded
+
+    torch.manual_seed(0)
+    m = Mamba2(d=32, d_state=16, d_conv=4, expand=2, chunk_size=32)
+    m.init_weights(std=0.1, out_std=0.1)
+    lengths = [20, 1, 50]
+    seq, T = PackedSeq(cu(lengths)), sum(lengths)
+    rows = bucket(T, m.chunk_size)
+    assert rows > T
+    u = torch.randn(T, 32, requires_grad=True)
+    padded_u, padded_seq = torch.randn(rows, 32) * 3, torch.zeros(rows, dtype=torch.int32)
+    fill_padded(padded_u, padded_seq, u, seq.seq_idx)  # copy_ keeps the graph back to u
+    assert torch.equal(padded_seq, PackedSeq(cu(lengths + [rows - T])).seq_idx)
+
+    params = list(m.parameters())
+    dout = torch.randn(T, 32)
+    out = m(u, seq)
+    out_padded = m(padded_u, PackedSeq(cu(lengths + [rows - T])))
+    grads = torch.autograd.grad(out, [u, *params], dout)
+    grads_padded = torch.autograd.grad(out_padded, [u, *params], torch.cat([dout, torch.zeros(rows - T, 32)]))
+    torch.testing.assert_close(out_padded[:T], out)
+    for g, gp in zip(grads, grads_padded):
+        torch.testing.assert_close(gp, g)

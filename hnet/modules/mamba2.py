@@ -1,13 +1,14 @@
 """Mamba2 mixer with mamba_ssm's parameter names, document-aware over packed input.
 
 in_proj produces [z, x, B, C, dt]; a causal depthwise conv runs over [x, B, C]; the SSD scan gives y;
-out = out_proj(norm(y * silu(z))). On CUDA with mamba_ssm and causal_conv1d the whole chain after
-in_proj runs as one autograd function over mamba_ssm's kernels (hnet.ops.mamba_fused); otherwise it
-is composed from hnet.ops.
+out = out_proj(norm(y * silu(z))). On CUDA with mamba_ssm and causal_conv1d the chain from in_proj on
+runs as one autograd function over mamba_ssm's kernels (hnet.ops.mamba_fused), replayed from CUDA
+graphs at short lengths (hnet.ops.mamba_graphs); otherwise it is composed from hnet.ops.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,8 +17,8 @@ from torch import nn
 from hnet.config import MAMBA_HEADDIM, MAMBA_NGROUPS
 from hnet.modules.norm import RMSNormGated
 from hnet.modules.packing import PackedSeq
-from hnet.ops import causal_conv1d, resolve, ssd_scan
-from hnet.ops.mamba_fused import split_conv_scan
+from hnet.ops import causal_conv1d, mamba_fused, resolve, ssd_scan
+from hnet.ops.mamba_graphs import LayerGraphs
 
 
 class Mamba2(nn.Module):
@@ -37,13 +38,16 @@ class Mamba2(nn.Module):
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, **factory)
         self.norm = RMSNormGated(self.d_inner, eps=1e-5, **factory)
         self.out_proj = nn.Linear(self.d_inner, d, bias=False, **factory)
+        chain = functools.partial(mamba_fused.chain, chunk_size=chunk_size, ngroups=self.ngroups,
+                                  eps=self.norm.eps, norm_before_gate=False)
+        self.graphs = LayerGraphs(chain, chunk_size)  # holds no parameters: state dicts and sharding ignore it
 
     def forward(self, u: torch.Tensor, seq: PackedSeq) -> torch.Tensor:
+        if resolve("ssd", u.device) == "triton" and resolve("conv", u.device) == "cuda":
+            return self._fused(u, seq.seq_idx)
         zxbcdt = self.in_proj(u)
         A = -torch.exp(self.A_log.float())
         conv_w = self.conv1d.weight.squeeze(1)
-        if resolve("ssd", u.device) == "triton" and resolve("conv", u.device) == "cuda":
-            return self._fused(zxbcdt, conv_w, A, seq.seq_idx)
         z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xbc = causal_conv1d(xbc, conv_w, self.conv1d.bias, seq.seq_idx)
         x, B, C = xbc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
@@ -56,12 +60,12 @@ class Mamba2(nn.Module):
         return self.out_proj(self.norm(y.view(T, self.d_inner), z))
 
     @torch.compiler.disable  # mamba_ssm's kernels in an autograd.Function: opaque to dynamo, eager between graphs
-    def _fused(self, zxbcdt: torch.Tensor, conv_w: torch.Tensor, A: torch.Tensor, seq_idx: torch.Tensor):
-        """conv -> SSD -> gated norm -> out_proj as one autograd function (hnet.ops.mamba_fused)."""
-        return split_conv_scan(
-            zxbcdt, conv_w, self.conv1d.bias, self.dt_bias, A, self.D, self.norm.weight, self.out_proj.weight,
-            seq_idx, chunk_size=self.chunk_size, ngroups=self.ngroups, eps=self.norm.eps, norm_before_gate=False,
-        )
+    def _fused(self, u: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+        """in_proj -> conv -> SSD -> gated norm -> out_proj as one autograd function (hnet.ops.mamba_fused),
+        replayed from a CUDA graph at short lengths (hnet.ops.mamba_graphs)."""
+        weights = (self.in_proj.weight, self.A_log, self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.D,
+                   self.norm.weight, self.out_proj.weight)
+        return self.graphs(u, seq_idx, weights)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4) -> None:

@@ -80,6 +80,17 @@ def _kernels() -> SimpleNamespace:
     )
 
 
+def chain(u, seq_idx, in_w, A_log, conv_w, conv_b, dt_bias, D, norm_w, outproj_w, *, chunk_size: int, ngroups: int,
+          eps: float, norm_before_gate: bool) -> torch.Tensor:
+    """A Mamba2 mixer from its input (T, d) and parameters, as named in the module: in_proj, then
+    ``split_conv_scan``. One function of tensors, so that it can be captured as a CUDA graph
+    (``hnet.ops.mamba_graphs``)."""
+    return split_conv_scan(
+        F.linear(u, in_w), conv_w.squeeze(1), conv_b, dt_bias, -torch.exp(A_log.float()), D, norm_w, outproj_w,
+        seq_idx, chunk_size=chunk_size, ngroups=ngroups, eps=eps, norm_before_gate=norm_before_gate,
+    )
+
+
 def split_conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, outproj_w, seq_idx, *,
                     chunk_size: int, ngroups: int, eps: float, norm_before_gate: bool) -> torch.Tensor:
     """(T, d_inner + conv_dim + nheads) -> (T, d): this module's function, or the library's where it cannot run
