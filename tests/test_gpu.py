@@ -156,11 +156,23 @@ def test_mamba_graphs_match_eager():
         return [out, *torch.autograd.grad(out, [u, *params], dout)]
 
     try:
-        # 3,000 rows capture 3,072; 2,900 reuse them (the last 172 rows hold 3,000's inputs); 1,000 capture 1,024
-        for lengths, rows in [([700, 1, 299, 1500, 500], 3072), ([700, 1, 299, 1400, 500], 3072), ([900, 100], 1024)]:
-            graphed = run(lengths, graphs=True)
-            assert m.graphs.graphs.rows == rows
+        # 3,000 rows capture 3,072 at their third call in a row; 2,900 reuse them at once (the last 172 rows hold
+        # 3,000's inputs); 1,000 capture 1,024, again at the third call
+        stable = mamba_graphs.STABLE_CALLS
+        for lengths, rows, calls in [([700, 1, 299, 1500, 500], 3072, stable), ([700, 1, 299, 1400, 500], 3072, 1),
+                                     ([900, 100], 1024, stable)]:
+            before = m.graphs.graphs
+            for call in range(calls):
+                assert m.graphs.graphs is before  # eager until the length has held for STABLE_CALLS calls
+                graphed = run(lengths, graphs=True)
+            assert m.graphs.graphs.rows == rows and m.graphs.graphs.generation == (1 if calls > 1 else 2)
             _assert_close(names, graphed, run(lengths, graphs=False))
+
+        # Lengths that jump between buckets never hold for STABLE_CALLS calls: no capture
+        captured = m.graphs.graphs
+        for lengths in [[1500, 1500], [900, 100]] * stable:
+            run(lengths, graphs=True)
+        assert m.graphs.graphs is captured and captured.generation == 1 + stable
 
         def two_forwards(graphs: bool):
             mamba_graphs.configure(1 << 20 if graphs else 0)

@@ -36,7 +36,7 @@ BENCHMARK_KEYS = {
     "flavor", "device", "dtype", "rows", "seq_len", "data", "compile", "tf32", "ac", "force_compression", "warmup_steps",
     "timed_steps", "backends", "bytes_per_sec", "tflops", "mfu_pct", "peak_tflops", "flops_per_byte",
     "bytes_per_chunk", "memory", "step_ms", "step_total_ms", "time_ms", "op_class_ms", "top_kernels_ms",
-    "compiled_frames",
+    "compiled_frames", "mamba_graph_max_positions",
 }
 
 

@@ -8,7 +8,8 @@ layer's forward, or its backward, in one launch.
 
 A graph's shapes are fixed and the lengths change from step to step. So each layer keeps one graph
 pair for a length rounded up (``bucket``), and a shorter length reuses the pair while it fills at
-least ``REUSE`` of it. The padding rows form a document of their own (seq_idx one past the last), which
+least ``REUSE`` of it. A layer captures a bucket once ``STABLE_CALLS`` calls in a row fit it, and runs
+eagerly until then. The padding rows form a document of their own (seq_idx one past the last), which
 the conv and the scan keep apart from the real rows. Their output gradient is zero, so they change no
 output and add nothing to any gradient.
 
@@ -23,14 +24,16 @@ GiB of peak active memory and 7.6 GiB reserved. Eager runs where a graph cannot 
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 
-# A length that fills at least this share of the captured one reuses it; else the layer captures its own bucket.
+# A length that fills at least this share of the captured one reuses it.
 REUSE = 7 / 8
+# Calls in a row that fit one bucket before a layer captures it: an untrained router's lengths jump from
+# step to step, and a capture per step would cost more than it saves (and pools waiting to be freed).
+STABLE_CALLS = 3
 
 # 2stage_L's and 2stage_XL's stage 1 (21,845 positions at 8 x 8192 bytes) in, their outer stages out.
 DEFAULT_MAX_POSITIONS = 32768
@@ -95,12 +98,12 @@ class ChainGraphs:
             torch.autograd.grad(out, diff, self.dout)
             del out
         torch.cuda.current_stream(u.device).wait_stream(side)
+        # torch.cuda.graph empties the allocator's cache first: a capture cannot free cached blocks to make room.
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         pool = torch.cuda.graph_pool_handle()
-        torch.cuda.synchronize(u.device)
-        with _capture(self.fwd, pool, side):
+        with torch.cuda.graph(self.fwd, pool=pool):
             self.out = fn(self.u, self.seq, *self.weights)
-        with _capture(self.bwd, pool, side):  # the graph of the backward, and its saved tensors, kept
+        with torch.cuda.graph(self.bwd, pool=pool):  # the graph of the backward, and its saved tensors, kept
             self.grads = torch.autograd.grad(self.out, diff, self.dout, retain_graph=True)
         self.generation = 0
         self._pending = None  # the latest forward's autograd context, weakly, until its backward runs
@@ -138,18 +141,6 @@ class ChainGraphs:
                                                                     for g in out[1:]]
 
 
-@contextlib.contextmanager
-def _capture(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream):
-    """``torch.cuda.graph`` without its ``empty_cache``: a layer may capture anew when lengths change, and
-    handing every cached block back to the driver would cost the steps after it their allocations."""
-    with torch.cuda.stream(stream):
-        graph.capture_begin(pool)
-        try:
-            yield
-        finally:
-            graph.capture_end()
-
-
 def _key(u: torch.Tensor, weights: Sequence[torch.Tensor]) -> tuple:
     """What a graph is specialised on besides the length: widths, dtypes, which inputs take gradients."""
     return tuple((t.shape[1:] if t is u else t.shape, t.dtype, t.requires_grad, t.device) for t in (u, *weights))
@@ -180,6 +171,7 @@ class LayerGraphs:
     def __init__(self, fn: Callable, chunk_size: int):
         self.fn, self.chunk_size = fn, chunk_size
         self.graphs: ChainGraphs | None = None
+        self.candidate, self.streak = 0, 0  # the bucket the latest calls that missed the graphs fit, and how many
 
     def __call__(self, u: torch.Tensor, seq_idx: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
         graphs = self._graphs_for(u, seq_idx, weights)
@@ -187,10 +179,9 @@ class LayerGraphs:
             return self.fn(u, seq_idx, *weights)
         return _Replay.apply(graphs, u, seq_idx, *weights)
 
-    def _fits(self, graphs: ChainGraphs, rows: int, u: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
-        """The captured length covers ``rows`` and is no longer than their own bucket, or than rows / REUSE."""
-        longest = max(bucket(rows, self.chunk_size), rows / REUSE)
-        return rows <= graphs.rows <= longest and graphs.key == _key(u, weights)
+    def _fits(self, captured: int, rows: int) -> bool:
+        """``captured`` covers ``rows`` and is no longer than their own bucket, or than rows / REUSE."""
+        return rows <= captured <= max(bucket(rows, self.chunk_size), rows / REUSE)
 
     def _graphs_for(self, u, seq_idx, weights) -> ChainGraphs | None:
         rows = u.shape[0]
@@ -200,8 +191,17 @@ class LayerGraphs:
         current = self.graphs
         if current is not None and current.busy():
             return None
-        if current is None or not self._fits(current, rows, u, weights):
-            self.graphs = None  # its pool goes before the next one is captured
-            del current
-            self.graphs = ChainGraphs(self.fn, bucket(rows, self.chunk_size), u, seq_idx, weights)
+        if current is not None and self._fits(current.rows, rows) and current.key == _key(u, weights):
+            self.streak = 0
+            return current
+        if self.streak and self._fits(self.candidate, rows):
+            self.streak += 1
+        else:
+            self.candidate, self.streak = bucket(rows, self.chunk_size), 1
+        if self.streak < STABLE_CALLS:
+            return None
+        self.graphs = None  # its pool goes before the next one is captured
+        del current
+        self.graphs = ChainGraphs(self.fn, self.candidate, u, seq_idx, weights)
+        self.streak = 0
         return self.graphs
