@@ -48,10 +48,6 @@ def configure(max_positions: int) -> None:
     _max_positions = max_positions
 
 
-def max_positions() -> int:
-    return _max_positions
-
-
 def bucket(rows: int, chunk_size: int) -> int:
     """``rows`` rounded up to a multiple of 1/32 to 1/16 of it (at least the SSD chunk): the padding
     costs at most 1/16 more work, and lengths that differ a little share a graph."""
@@ -126,7 +122,7 @@ class ChainGraphs:
             raise RuntimeError(
                 "a CUDA-graphed Mamba2 layer ran its forward again before this backward: its activations are "
                 "gone (a second backward through a retained graph?). Turn the graphs off for this use "
-                "(compile.cuda_graph_max_positions = 0, or hnet.ops.mamba_graphs.configure(0))"
+                "(model.mamba_graph_max_positions = 0, or hnet.ops.mamba_graphs.configure(0))"
             )
         rows = dout.shape[0]
         self.dout[:rows].copy_(dout)
@@ -134,11 +130,10 @@ class ChainGraphs:
         self.bwd.replay()
         self._pending = None
         grads = iter(self.grads)
-        out = [next(grads) if wanted else None for wanted in self.wants_grad]
+        du, *dweights = [next(grads) if wanted else None for wanted in self.wants_grad]
         # The input's gradient is a view, used before this layer's next replay; weight gradients are copied,
         # since autograd may keep them as .grad.
-        return [out[0][:rows] if out[0] is not None else None] + [g.clone() if g is not None else None
-                                                                    for g in out[1:]]
+        return [None if du is None else du[:rows], *(None if g is None else g.clone() for g in dweights)]
 
 
 def _key(u: torch.Tensor, weights: Sequence[torch.Tensor]) -> tuple:
