@@ -340,7 +340,7 @@ def check(Q, lengths_a, lengths_b):
 
 # Documents shorter than a chunk, longer than one, starting mid-chunk; a short last chunk.
 check(64, [10, 150, 1, 39], [200])
-ssd_triton.SCAN_CONFIG = ssd_triton.DX_CONFIG = (16, 8, 1, 1)  # several row tiles and steps per chunk
+ssd_triton.SCAN_CONFIG = ssd_triton.DX_CONFIG = (16, 8, 1, 1, 0)  # several row tiles and steps per chunk
 ssd_triton.DT_BLOCK_H = 2  # several head blocks
 check(32, [3, 60, 33, 4, 1], [17, 84])
 """

@@ -3,10 +3,13 @@
 mamba_ssm's ``mamba_split_conv1d_scan_combined`` saves only its input and, in the backward, recomputes
 the conv, the dt cumsum, C.B within chunks, the per-chunk states and their passing across chunks. This
 function runs the same steps, but the forward keeps what the backward needs (the conv's output, dt
-after softplus, its cumsum, C.B and the fp32 states entering each chunk: about 0.65 GB per layer at
-65,536 positions, d_inner 2048), so the backward recomputes none of it. The scan rounds the fp32 states
-to bf16 as it loads them, as the library's forward rounds them when it stores, so outputs and gradients
-equal the library's up to the order of fp32 sums (tests/test_gpu.py).
+after softplus, its cumsum, C.B and the states entering each chunk: about 0.5 GB per layer at 65,536
+positions, d_inner 2048), so the backward recomputes none of it. The states are kept in x's dtype, as the
+library's forward stores them for its scan; its backward recomputes them in fp32, and the only gradient
+that sees the difference is dA's term through the state each chunk passes on (``passing_bwd``), within
+the tests' tolerance. Storing them in bf16 saves a quarter of the state passing's memory traffic both ways
+and its conversion copy (docs/performance.md, change 46). Outputs equal the library's up to the order of
+fp32 sums (tests/test_gpu.py).
 
 Launch order: the library's SSD kernels launch (row tiles, chunks, heads), so every chunk of head 0 runs
 before any chunk of head 1, and C, B and C.B, which all heads of a chunk share, have left L2 by the time
@@ -279,11 +282,12 @@ class SplitConvScan(torch.autograd.Function):
         k.state_fwd(h.shared(B), h.seq(x), h.chunk(dt), h.chunk(dA_cumsum), seq_idx=h.shared(seq_idx),
                     states=h.seq(local))
         local = local.flatten(-2)
-        states, _ = k.passing_fwd(local, dA_cumsum[..., -1], seq_idx=seq_idx, chunk_size=chunk_size)
+        states, _ = k.passing_fwd(local, dA_cumsum[..., -1], seq_idx=seq_idx, chunk_size=chunk_size,
+                                  out_dtype=x.dtype)
         del local  # 0.27 GB at 65,536 positions: gone before the scan allocates
-        states = states.unflatten(-1, x.shape[-1:] + B.shape[-1:])  # fp32: the state entering each chunk
+        states = states.unflatten(-1, x.shape[-1:] + B.shape[-1:])  # the state entering each chunk
         CB = k.bmm_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
-        y = k.scan_fwd(CB, x, dt, dA_cumsum, C, states, D, seq_idx)  # rounds the states to bf16 itself
+        y = k.scan_fwd(CB, x, dt, dA_cumsum, C, states, D, seq_idx)
         y_norm, _, rstd = k.norm_fwd(
             y[0].flatten(-2), norm_w, None, eps, z[0], group_size=z.shape[-1] // ngroups,
             norm_before_gate=norm_before_gate, is_rms_norm=True,
@@ -317,19 +321,20 @@ class SplitConvScan(torch.autograd.Function):
         dy = dy.view_as(y)
 
         h = _HeadsFirst(A.shape[0], on=ngroups == 1)
+        # each chunk's own gradient in fp32, as the library's: the passing sums it with the carried one
         dstates = h.unseq(k.scan_bwd_dstates(h.shared(C), h.chunk(dA_cumsum), h.seq(dy), seq_idx=h.shared(seq_idx),
-                                             dtype=states.dtype))
-        dstates, ddA_chunk_end, _, states_lp = k.passing_bwd(
+                                             dtype=torch.float32))
+        dstates, ddA_chunk_end, _, _ = k.passing_bwd(
             states.flatten(-2), dA_cumsum[..., -1], dstates.flatten(-2), seq_idx=seq_idx, has_initial_states=False,
             dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size,
         )
-        dstates, states_lp = dstates.view_as(states), states_lp.view_as(states)
+        dstates = dstates.view_as(states)
         _, ddt, ddA_scan, dD = k.scan_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx=dx)
         # dA's terms: by increment before its cumsum (dB's), by cumsum position (dC's); dt_bwd adds them up
         split, det = _head_splits(x, dt.shape[2], ngroups), k.deterministic()
         dB_local, ddA_next = _bc_grad(k, k.db_kernel, k.db_min_block_n, x, dstates, B, dt, dA_cumsum, seq_idx, split,
                                       det)
-        dC_local, ddA_prev = _bc_grad(k, k.dc_kernel, k.dc_min_block_n, dy, states_lp, C, None, dA_cumsum, seq_idx,
+        dC_local, ddA_prev = _bc_grad(k, k.dc_kernel, k.dc_min_block_n, dy, states, C, None, dA_cumsum, seq_idx,
                                       split, det)
         dCB = _scan_bwd_dcb(k, x, dt, dA_cumsum, dy, seq_idx, ngroups, split)
         k.bmm_bwd(C, dCB, residual=dB_local, out=dB)
