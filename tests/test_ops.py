@@ -352,6 +352,51 @@ def test_ssd_chunk_scan_kernels_match_reference():
     run_in_triton_interpreter(_SSD_KERNELS_CHECK)
 
 
+_STATE_PASSING_CHECK = """
+import torch
+from hnet.ops import ssd_triton
+
+
+def check(lengths, Q, H=3, dim=40):
+    g = torch.Generator().manual_seed(len(lengths))
+    T = sum(lengths)
+    nc = -(-T // Q)
+    seq = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))[None]
+    local = torch.randn(1, nc, H, dim, generator=g)
+    dA = -torch.rand(1, H, nc, Q, generator=g)[..., -1] * 3  # a strided view, as the cumsum's last column
+    dout = torch.randn(1, H, nc, dim, generator=g).transpose(1, 2)  # heads-first strides, as the dstates kernel's
+    # The recurrence by chunks with autograd: nothing carried across a chunk whose last position is in a
+    # document other than the previous chunk's last position's.
+    leaves = loc, dAl = local.clone().requires_grad_(), dA.clone().requires_grad_()
+    ends = seq[0, torch.clamp(torch.arange(1, nc + 1) * Q, max=T) - 1]
+    prev = torch.cat([ends.new_zeros(1), ends[:-1]])
+    state, outs = torch.zeros(H, dim), [torch.zeros(H, dim)]
+    for c in range(nc - 1):
+        state = (dAl[0, :, c].exp() * (ends[c] == prev[c]))[:, None] * state + loc[0, c]
+        outs.append(state)
+    ref = torch.stack(outs)[None]
+    grads = torch.autograd.grad((ref * dout).sum(), leaves) if nc > 1 else [torch.zeros_like(t) for t in leaves]
+    out = ssd_triton.state_passing_fwd(local, dA, seq, Q, torch.float32)
+    torch.testing.assert_close(out, ref.detach())
+    dlocal, ddA = ssd_triton.state_passing_bwd(out, dA, dout, seq, Q, torch.float32)
+    torch.testing.assert_close(dlocal, grads[0])
+    torch.testing.assert_close(ddA, grads[1])
+    assert (dlocal[0, -1] == 0).all() and (nc == 1 or (dlocal.abs().amax() > 1 and ddA.abs().amax() > 1))
+
+
+ssd_triton.STATE_PASSING_CONFIG = (16, 1)  # three blocks of the 40 entries, the last one partial
+check([10, 150, 1, 39], 32)  # a one-position document at a chunk's end: nothing carried past it
+check([64, 31, 1, 100], 32)  # documents ending on chunk ends
+check([20], 32)  # one chunk: a zero state, nothing to pass
+"""
+
+
+def test_state_passing_kernels_match_the_recurrence():
+    """hnet.ops.ssd_triton's state passing, forward and backward, in Triton's interpreter against the chunk
+    recurrence and autograd."""
+    run_in_triton_interpreter(_STATE_PASSING_CHECK)
+
+
 # ---- packed attention ----------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ With one group, the library's kernels that index nothing else by head (chunk sta
 given the heads as their batch and a single head (views, no copies): the heads of a chunk then run back
 to back, with the same arithmetic (docs/performance.md, change 22). The chunk scan and its backward
 (dx, dt, D and dA through the scan) are ours (``hnet.ops.ssd_triton``), launched heads inside chunks for
-any number of groups (changes 27 and 29).
+any number of groups (changes 27 and 29), and so is the state passing both ways (change 47).
 
 The conv is ours both ways (``hnet.ops.conv_triton``): causal_conv1d's backward runs at a third of the
 memory bandwidth (change 26), its forward at 0.35 ms where ours takes 0.25 (change 34).
@@ -59,7 +59,7 @@ def available() -> bool:
 def _kernels() -> SimpleNamespace:
     from hnet.ops import conv_triton, ssd_triton
     from hnet.ops.tuned_launch import install_mamba_ssm
-    from mamba_ssm.ops.triton import layernorm_gated, ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing
+    from mamba_ssm.ops.triton import layernorm_gated, ssd_bmm, ssd_chunk_scan, ssd_chunk_state
     from mamba_ssm.utils import determinism
 
     install_mamba_ssm()
@@ -71,7 +71,7 @@ def _kernels() -> SimpleNamespace:
         bmm_fwd=ssd_bmm._bmm_chunk_fwd, bmm_bwd=ssd_bmm._bmm_chunk_bwd,
         cumsum_fwd=ssd_chunk_state._chunk_cumsum_fwd, dt_bwd=ssd_triton.dt_grad,
         state_fwd=ssd_chunk_state._chunk_state_fwd,
-        passing_fwd=ssd_state_passing._state_passing_fwd, passing_bwd=ssd_state_passing._state_passing_bwd,
+        passing_fwd=ssd_triton.state_passing_fwd, passing_bwd=ssd_triton.state_passing_bwd,
         scan_fwd=ssd_triton.chunk_scan_fwd, scan_bwd_dx=ssd_triton.chunk_scan_bwd_dx,
         scan_bwd_dstates=ssd_chunk_scan._chunk_scan_bwd_dstates,
         db_kernel=ssd_chunk_state._chunk_state_bwd_db_kernel, dc_kernel=ssd_chunk_scan._chunk_scan_bwd_dc_kernel,
@@ -282,8 +282,7 @@ class SplitConvScan(torch.autograd.Function):
         k.state_fwd(h.shared(B), h.seq(x), h.chunk(dt), h.chunk(dA_cumsum), seq_idx=h.shared(seq_idx),
                     states=h.seq(local))
         local = local.flatten(-2)
-        states, _ = k.passing_fwd(local, dA_cumsum[..., -1], seq_idx=seq_idx, chunk_size=chunk_size,
-                                  out_dtype=x.dtype)
+        states = k.passing_fwd(local, dA_cumsum[..., -1], seq_idx, chunk_size, x.dtype)
         del local  # 0.27 GB at 65,536 positions: gone before the scan allocates
         states = states.unflatten(-1, x.shape[-1:] + B.shape[-1:])  # the state entering each chunk
         CB = k.bmm_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
@@ -324,10 +323,8 @@ class SplitConvScan(torch.autograd.Function):
         # each chunk's own gradient in fp32, as the library's: the passing sums it with the carried one
         dstates = h.unseq(k.scan_bwd_dstates(h.shared(C), h.chunk(dA_cumsum), h.seq(dy), seq_idx=h.shared(seq_idx),
                                              dtype=torch.float32))
-        dstates, ddA_chunk_end, _, _ = k.passing_bwd(
-            states.flatten(-2), dA_cumsum[..., -1], dstates.flatten(-2), seq_idx=seq_idx, has_initial_states=False,
-            dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size,
-        )
+        dstates, ddA_chunk_end = k.passing_bwd(states.flatten(-2), dA_cumsum[..., -1], dstates.flatten(-2), seq_idx,
+                                               chunk_size, x.dtype)
         dstates = dstates.view_as(states)
         _, ddt, ddA_scan, dD = k.scan_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx=dx)
         # dA's terms: by increment before its cumsum (dB's), by cumsum position (dC's); dt_bwd adds them up
