@@ -407,8 +407,9 @@ def state_passing_fwd(local: torch.Tensor, dA_chunk_end: torch.Tensor, seq_idx: 
                       out_dtype: torch.dtype) -> torch.Tensor:
     """The state entering each chunk, (1, nchunks, H, dim) in ``out_dtype``, from each chunk's own contribution
     ``local`` (1, nchunks, H, dim) fp32 and dA's cumsum at each chunk's end (1, H, nchunks): zero into the first
-    chunk, and across a chunk whose last position starts a new document nothing is carried. mamba_ssm's
-    ``_state_passing_fwd`` without its final state, walking the chunks with the next one's loads in flight."""
+    chunk, and nothing carried across a chunk whose last position lies in another document than the previous
+    chunk's last position. mamba_ssm's ``_state_passing_fwd`` without its final state, walking the chunks with
+    the next one's loads in flight."""
     _, nchunks, H, dim = local.shape
     assert local.shape[0] == 1 and dA_chunk_end.shape == (1, H, nchunks) and local.stride(-1) == 1
     out = torch.empty(local.shape, device=local.device, dtype=out_dtype)
@@ -429,7 +430,8 @@ def state_passing_bwd(states: torch.Tensor, dA_chunk_end: torch.Tensor, dstates:
     (1, H, nchunks)). mamba_ssm's ``_state_passing_bwd``'s arithmetic, the next chunk's loads in flight; dA's
     term is summed in blocks of ``STATE_PASSING_CONFIG``'s entries, then over the blocks."""
     _, nchunks, H, dim = states.shape
-    assert dstates.shape == states.shape and states.stride(-1) == 1 and dstates.stride(-1) == 1
+    assert states.shape[0] == 1 and dA_chunk_end.shape == (1, H, nchunks) and dstates.shape == states.shape
+    assert states.stride(-1) == 1 and dstates.stride(-1) == 1
     block, warps = STATE_PASSING_CONFIG
     blocks = triton.cdiv(dim, block)
     dlocal = torch.empty(states.shape, device=states.device, dtype=out_dtype)
