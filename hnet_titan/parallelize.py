@@ -261,7 +261,11 @@ def block_kinds(model: HNetForCausalLM) -> set[tuple]:
 
 
 def apply_compile(model: HNetForCausalLM, dynamic: bool) -> None:
-    """Compile each block, and each routed stage's routing and dechunk modules, in place (names unchanged).
+    """Compile each block, each network's closing norm, and each routed stage's routing and dechunk modules,
+    in place (names unchanged).
+
+    The closing norms run as Inductor kernels, as the blocks' norms do, instead of mamba_ssm's eager Triton
+    norm, whose backward launches one program per SM (docs/performance.md, change 48).
 
     Inner lengths change with every batch. With ``dynamic``, a size becomes symbolic when it first
     changes between calls (torch.compile's ``dynamic=None``): each graph compiles once for its first
@@ -287,6 +291,9 @@ def apply_compile(model: HNetForCausalLM, dynamic: bool) -> None:
     mode = None if dynamic else False  # None: automatic dynamic shapes
     for block in all_blocks(model):
         block.compile(dynamic=mode)
+    for stage in model.stages():
+        for net in stage_networks(stage).values():
+            net.rmsnorm.compile(dynamic=mode)
     for stage in model.stages()[:-1]:  # the elementwise work between the networks
         stage.routing_module.compile(dynamic=mode)
         stage.dechunk_layer.compile(dynamic=mode)

@@ -398,6 +398,15 @@ def test_compiled_blocks_match_eager_and_compile_once_more_for_new_lengths():
     assert frames[2:] == [frames[1]] * 2  # and later lengths and document counts compiled nothing new
 
 
+def test_compile_covers_every_block_and_each_networks_closing_norm():
+    """No block holds a network's closing norm: left out, it ran mamba_ssm's eager norm on CUDA (change 48)."""
+    model = HNetForCausalLM(HNetConfig.from_flavor("debug"))
+    apply_compile(model, dynamic=True)
+    nets = [net for stage in model.stages() for net in stage_networks(stage).values()]
+    compiled = [m._compiled_call_impl is not None for net in nets for m in (*net.layers, net.rmsnorm)]
+    assert len(nets) == 3 and all(compiled)
+
+
 def test_compiled_graphs_keep_widths_and_heads_static(monkeypatch):
     """Only positions (and document counts) may be symbolic sizes in the compiled graphs' inputs.
 
