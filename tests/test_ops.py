@@ -447,9 +447,9 @@ def test_packed_attention_small_block_grouping(monkeypatch):
     torch.testing.assert_close(out, attention_per_document(q, k, v, lengths, 2), rtol=1e-5, atol=1e-5)
 
 
-class _FakeFA4:
-    """``flash_attn.cute.interface``'s two launch functions on the CPU, over the reference: they check what the
-    custom ops hand them and return what the package returns (five values forward, three backward)."""
+class _FakeFlash:
+    """FlashAttention-2's forward (the aten op) and ``flash_attn.cute.interface``'s backward on the CPU, over the
+    reference: they check what the FlashAttention-4 path hands them and return what the real ones return."""
 
     def __init__(self, lengths: list[int]):
         self.lengths, self.calls = lengths, []
@@ -471,20 +471,20 @@ class _FakeFA4:
         scale = Dh**-0.5 if scale is None else scale
         return (torch.einsum("thd,shd->hts", q, k) * scale).masked_fill(~mask, float("-inf")), scale
 
-    def _flash_attn_fwd(self, q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                        return_lse, **kwargs):
-        self._check_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        window = self._window(**kwargs)
-        self.calls.append(("fwd", window, softmax_scale))
-        assert return_lse
-        out = packed_attention_reference(q, k, v, cu_seqlens_q, window, softmax_scale)
-        return out, self.scores(q, k, window, softmax_scale)[0].logsumexp(-1), None, None, None  # lse (H, T)
+    def flash2_forward(self, q, k, v, cu_seqlens, max_seqlen, window, scale):
+        """Traced by dynamo, as the aten op is: the layout (data-dependent) is checked in the eager run."""
+        if not torch.compiler.is_compiling():
+            self._check_layout(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+        self.calls.append(("fa2 fwd", window, scale))
+        scores, _ = self.scores(q, k, window, scale)
+        out = torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+        return out, scores.logsumexp(-1), torch.zeros(2, dtype=torch.int64), torch.zeros((), dtype=torch.int64)
 
     def _flash_attn_bwd(self, q, k, v, out, dout, lse, *, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                         max_seqlen_k, deterministic, **kwargs):
         self._check_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         window = self._window(**kwargs)
-        self.calls.append(("bwd", window, softmax_scale))
+        self.calls.append(("fa4 bwd", window, softmax_scale))
         assert dout.is_contiguous()
         scores, scale = self.scores(q, k, window, softmax_scale)
         p = (scores - lse[..., None]).exp()  # the softmax from the forward's lse, as FlashAttention's backward
@@ -495,15 +495,18 @@ class _FakeFA4:
 
 
 @pytest.mark.parametrize("window, scale", [(-1, None), (3, 0.7)])
-def test_flash_attn_4_custom_ops(monkeypatch, window, scale):
-    """packed_attention's FlashAttention-4 path: what its custom ops hand the package, the gradients through them,
-    and one graph with no break under torch.compile (the package's functions run on the CPU reference here)."""
+def test_flash_attn_4_backend_runs_flash2_forward_and_flash4_backward(monkeypatch, window, scale):
+    """packed_attention's FlashAttention-4 path: FlashAttention-2's forward, whose softmax statistics FA4's backward
+    custom op reads; what each is handed, the gradients, and one graph with no break under torch.compile (both
+    run on the CPU reference here)."""
     import types
 
     lengths = [1, 6, 2, 9]
-    fake = _FakeFA4(lengths)
+    fake = _FakeFlash(lengths)
     monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", types.SimpleNamespace(
-        _flash_attn_fwd=fake._flash_attn_fwd, _flash_attn_bwd=fake._flash_attn_bwd))
+        _flash_attn_bwd=fake._flash_attn_bwd))
+    monkeypatch.setattr(attention_ops, "_flash2_forward", fake.flash2_forward)
+    monkeypatch.setattr(attention_ops, "_VARLEN_HAS_WINDOW", True)
     monkeypatch.setattr(attention_ops, "resolve", lambda op, device, dtype: "flash_attn_4")
     q, k, v = qkv(sum(lengths), seed=3)
     dout = torch.randn(sum(lengths), 2, 16)[..., ::2]  # not contiguous: the backward hands on a contiguous copy
@@ -521,7 +524,7 @@ def test_flash_attn_4_custom_ops(monkeypatch, window, scale):
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
         for got, ref in zip(torch.autograd.grad(out, leaves, dout), expected_grads):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        assert fake.calls == [("fwd", window, scale), ("bwd", window, scale)]
+        assert fake.calls == [("fa2 fwd", window, scale), ("fa4 bwd", window, scale)]
 
 
 # ---- backend selection ---------------------------------------------------------------------------

@@ -29,10 +29,8 @@ def packed_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     backend = resolve("attention", q.device, q.dtype)
-    if backend == "flash_attn_4":
-        return _fa4_fwd(q, k, v, cu_seqlens, max_seqlen, window, scale)[0]
-    if backend == "varlen":
-        return _varlen(q, k, v, cu_seqlens, max_seqlen, window, scale)
+    if backend in ("varlen", "flash_attn_4"):
+        return _varlen(q, k, v, cu_seqlens, max_seqlen, window, scale, fa4_backward=backend == "flash_attn_4")
     if backend == "flash_attn":
         return _flash_attn(q, k, v, cu_seqlens, max_seqlen, window, scale)
     if backend == "flex":
@@ -50,32 +48,13 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, window, scale):
     )
 
 
-# FlashAttention-4 (flash-attn-4's CuTe kernels, ``flash_attn.cute``) as custom ops: compiled blocks call them
-# in place, where dynamo could not trace the package's Python launch path. On an H100 its kernels take 0.72x
-# FlashAttention-2's time at hnet_1stage_L's main-network shape and 0.55x with a 1023-position window
-# (docs/performance.md, change 42). The package's launch functions are the ones torch's own FA4 integration
-# (torch.nn.attention._fa4) calls; they take FlashAttention-2's layouts: (T, H, Dh), lse (H, T) fp32.
-
-def _fa4_window(window: int) -> int | None:
-    return window if window >= 0 else None
-
-
-@torch.library.custom_op("hnet::fa4_varlen_fwd", mutates_args=())
-def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-             window: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    from flash_attn.cute.interface import _flash_attn_fwd
-
-    out, lse = _flash_attn_fwd(  # releases differ in what follows (out, lse)
-        q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
-        softmax_scale=scale, causal=True, window_size_left=_fa4_window(window), return_lse=True,
-    )[:2]
-    return out, lse
-
-
-@_fa4_fwd.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, window, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
-
+# FlashAttention-4 (flash-attn-4's CuTe kernels, ``flash_attn.cute``) runs the backward only; the forward stays
+# FlashAttention-2's aten op. With FA4 both ways (change 42, H100) hnet_1stage_L's main network took 29.0 ms
+# forward against FA2's 29.6 and 55.8 ms backward against 62.4: the gain is the backward's. hnet_2stage_L's
+# forward, which runs at the host's pace after chunk()'s sync, took 29.6 ms against 23.9: the package's Python
+# launch path adds about 0.13 ms of host per call over the aten op's C++ launch (change 44).
+# Both forwards leave the softmax statistics as lse (H, T) fp32, which FA4's backward reads. A custom op:
+# compiled blocks call it in place, where dynamo could not trace the package's launch path.
 
 @torch.library.custom_op("hnet::fa4_varlen_bwd", mutates_args=())
 def _fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -84,7 +63,8 @@ def _fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     from flash_attn.cute.interface import _flash_attn_bwd
 
     dq, dk, dv = _flash_attn_bwd(
-        q, k, v, out, dout, lse, softmax_scale=scale, causal=True, window_size_left=_fa4_window(window),
+        q, k, v, out, dout, lse, softmax_scale=scale, causal=True,
+        window_size_left=window if window >= 0 else None,  # the package reads -1 as a window
         cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
         deterministic=torch.are_deterministic_algorithms_enabled(),
     )[:3]
@@ -94,21 +74,6 @@ def _fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 @_fa4_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, window, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _fa4_save(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, max_seqlen, window, scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
-    ctx.max_seqlen, ctx.window, ctx.scale = max_seqlen, window, scale
-
-
-def _fa4_grad(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _fa4_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.window, ctx.scale)
-    return dq, dk, dv, None, None, None, None
-
-
-_fa4_fwd.register_autograd(_fa4_grad, setup_context=_fa4_save)
 
 
 try:  # since torch 2.9; with a sliding window (and the aten ops' window arguments) since 2.10
@@ -130,28 +95,40 @@ class _FlashVarlen(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float | None):
-        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, False,
-            scale=scale, window_size_left=window, window_size_right=0,
-        )
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, window: int, scale: float | None, fa4_backward: bool):
+        out, lse, seed, offset = _flash2_forward(q, k, v, cu_seqlens, max_seqlen, window, scale)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
-        ctx.max_seqlen, ctx.window, ctx.scale = max_seqlen, window, scale
+        ctx.max_seqlen, ctx.window, ctx.scale, ctx.fa4_backward = max_seqlen, window, scale, fa4_backward
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, cu_seqlens, seed, offset = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, 0.0, False,
-            seed, offset, scale=ctx.scale, window_size_left=ctx.window, window_size_right=0,
-        )
-        return dq, dk, dv, None, None, None, None
+        dout = dout.contiguous()
+        if ctx.fa4_backward:
+            dq, dk, dv = _fa4_bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.window, ctx.scale)
+        else:
+            dq, dk, dv = torch.ops.aten._flash_attention_backward(
+                dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, 0.0, False,
+                seed, offset, scale=ctx.scale, window_size_left=ctx.window, window_size_right=0,
+            )
+        return dq, dk, dv, None, None, None, None, None
 
 
-def _varlen(q, k, v, cu_seqlens, max_seqlen, window, scale):
+def _flash2_forward(q, k, v, cu_seqlens, max_seqlen, window, scale):
+    """FlashAttention-2's forward: out (T, H, Dh), lse (H, T) fp32, and the rng state its backward takes."""
+    out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, False,
+        scale=scale, window_size_left=window, window_size_right=0,
+    )
+    return out, lse, seed, offset
+
+
+def _varlen(q, k, v, cu_seqlens, max_seqlen, window, scale, fa4_backward=False):
+    """FlashAttention-2 through the aten ops, the backward FlashAttention-4's where asked. Before torch 2.10
+    (no window in the aten ops) ``varlen_attn`` or the reference run, FlashAttention-2 both ways."""
     if _VARLEN_HAS_WINDOW:
-        return _FlashVarlen.apply(q, k, v, cu_seqlens, max_seqlen, window, scale)
+        return _FlashVarlen.apply(q, k, v, cu_seqlens, max_seqlen, window, scale, fa4_backward)
     if window >= 0:  # older torch: varlen_attn has no window; fall back to the exact masked path
         return packed_attention_reference(q, k, v, cu_seqlens, window, scale)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, is_causal=True, scale=scale)

@@ -7,7 +7,7 @@ Inside ``torch.compile`` the automatic choice for the norms is the reference: In
 few elementwise lines and the reduction with the residual add and casts around it, which a separate
 Triton kernel would fence off. The other fast backends are opaque to dynamo (their calls run eagerly
 between compiled graphs), except PyTorch's varlen attention, whose aten ops compile in place, and
-FlashAttention-4, custom ops that compiled graphs call in place.
+FlashAttention-4's backward, a custom op that compiled graphs call in place.
 """
 
 from __future__ import annotations
