@@ -91,7 +91,7 @@ class _FlashVarlen(torch.autograd.Function):
     attention's launch itself, inside main-network blocks that run at the host's pace after
     ``chunk()``'s sync (docs/performance.md, change 36). Dynamo traces this function, so compiled
     blocks call the aten ops as Inductor fallbacks. Causal through the window's right edge 0, as
-    ``varlen_attn(window_size=(window, 0))``.
+    ``varlen_attn(window_size=(window, 0))``. With ``fa4_backward`` the backward is FlashAttention-4's.
     """
 
     @staticmethod
