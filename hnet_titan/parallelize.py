@@ -289,11 +289,10 @@ def apply_compile(model: HNetForCausalLM, dynamic: bool) -> None:
     if getattr(inductor, "mix_order_reduction_split_size", 0) is None:  # torch >= 2.10, and not set by the user
         inductor.mix_order_reduction_split_size = NORM_GRAD_ROWS
     mode = None if dynamic else False  # None: automatic dynamic shapes
-    for block in all_blocks(model):
-        block.compile(dynamic=mode)
     for stage in model.stages():
         for net in stage_networks(stage).values():
-            net.rmsnorm.compile(dynamic=mode)
+            for module in (*net.layers, net.rmsnorm):
+                module.compile(dynamic=mode)
     for stage in model.stages()[:-1]:  # the elementwise work between the networks
         stage.routing_module.compile(dynamic=mode)
         stage.dechunk_layer.compile(dynamic=mode)
