@@ -36,6 +36,9 @@ Measurements
   op_class_ms  the profiled step's CUDA kernel time (on CPU: operator self time) by class of the kernel or
                operator name: gemm, ssd, conv, attention, norm, elementwise, other. On CPU the reference
                SSD scan and conv run as plain operators, so their time shows as gemm and elementwise.
+  gpu_idle     the profiled step's GPU timeline from its first kernel to its last: the time no kernel ran
+               (the GPU waiting on the host: syncs, launch-bound stretches) and its 10 longest gaps, each
+               named by the kernels either side, which locate the host work the GPU waited for
 
 JSON report (--out): flavor, device, dtype, rows, seq_len, data, compile, mamba_graph_max_positions, tf32,
 compiled_frames {warmup, timed}
@@ -45,7 +48,7 @@ peak), peak_tflops, flops_per_byte, bytes_per_chunk [per routed stage], memory {
 mem_reserved_gib, alloc_retries} (empty on CPU), step_ms {forward, backward, optimizer, total} (means),
 step_total_ms [each timed step, in order: one slow step shows apart from the host-bound scatter], time_ms
 {part: {forward, backward}}, op_class_ms {class: ms}, top_kernels_ms [[kernel, ms]] (the profiled step's 15
-costliest kernels).
+costliest kernels), gpu_idle {span_ms, idle_ms, gaps [[ms, kernel before, kernel after]]} (null on CPU).
 """
 
 from __future__ import annotations
@@ -248,8 +251,28 @@ def compiled_frames() -> int:
     return counters["frames"]["ok"]
 
 
-def profile_step(step, device: torch.device, trace: str = "") -> tuple[dict[str, float], list[tuple[str, float]]]:
-    """ms per op class of one ``step()`` and its 15 costliest kernels (operators on CPU).
+def idle_gaps(kernels: list[tuple[float, float, str]], top: int = 10) -> dict:
+    """GPU idle time within the span of (start_us, end_us, name) kernel intervals, and its longest gaps.
+
+    Kernels of other streams may overlap: time counts as busy while any kernel runs.
+    """
+    kernels = sorted(kernels)
+    gaps: list[list] = []
+    busy_until, last = kernels[0][1], kernels[0][2]
+    for start, end, name in kernels[1:]:
+        if start > busy_until:
+            gaps.append([(start - busy_until) / 1e3, last, name])
+        if end > busy_until:
+            busy_until, last = end, name
+    span = (busy_until - kernels[0][0]) / 1e3
+    gaps.sort(key=lambda g: -g[0])
+    return {"span_ms": span, "idle_ms": sum(g[0] for g in gaps), "gaps": gaps[:top]}
+
+
+def profile_step(
+    step, device: torch.device, trace: str = ""
+) -> tuple[dict[str, float], list[tuple[str, float]], dict | None]:
+    """ms per op class of one ``step()``, its 15 costliest kernels (operators on CPU) and the GPU's idle gaps.
 
     CUDA kernel time on a GPU, operator self time on CPU; ``trace`` also writes the step's Chrome trace
     (host and device timelines: where the GPU waits on the host).
@@ -264,6 +287,7 @@ def profile_step(step, device: torch.device, trace: str = "") -> tuple[dict[str,
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
     classes: dict[str, float] = {}
     kernels: dict[str, float] = {}
+    intervals: list[tuple[float, float, str]] = []
     for event in prof.events():
         # On the GPU a user annotation (the optimizer's step, for one) spans kernels counted on their own.
         if event.device_type != kind or event.is_async or (cuda and event.is_user_annotation):
@@ -272,8 +296,10 @@ def profile_step(step, device: torch.device, trace: str = "") -> tuple[dict[str,
         cls = op_class(event.name)
         classes[cls] = classes.get(cls, 0.0) + ms
         kernels[event.name] = kernels.get(event.name, 0.0) + ms
+        intervals.append((event.time_range.start, event.time_range.end, event.name))
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
-    return dict(sorted(classes.items(), key=lambda kv: -kv[1])), top
+    idle = idle_gaps(intervals) if cuda and intervals else None
+    return dict(sorted(classes.items(), key=lambda kv: -kv[1])), top, idle
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -325,7 +351,7 @@ def run(args: argparse.Namespace) -> dict:
         timer.remove()
         step_ms, time_ms = timer.summary()
         step_total_ms = [t.ms("step.begin", "step.end") for t in timer.steps]
-        op_class_ms, top_kernels = profile_step(
+        op_class_ms, top_kernels, gpu_idle = profile_step(
             lambda: step(to_device(batches[-1], device), timeline=StepTimeline(device.type == "cuda")), device,
             args.trace,
         )
@@ -346,7 +372,7 @@ def run(args: argparse.Namespace) -> dict:
         "bytes_per_chunk": [outer / inner for outer, inner in zip(totals, totals[1:])],
         "memory": memory, "step_ms": step_ms, "step_total_ms": step_total_ms, "time_ms": time_ms,
         "op_class_ms": op_class_ms,
-        "top_kernels_ms": top_kernels,
+        "top_kernels_ms": top_kernels, "gpu_idle": gpu_idle,
     }
 
 
@@ -387,6 +413,10 @@ def format_report(r: dict) -> str:
     lines += [f"{cls:<32}{ms:>12.2f}{100 * ms / total:>13.1f}" for cls, ms in r["op_class_ms"].items()]
     lines += ["", f"{'costliest kernels (profiled step)':<84}{'ms':>8}"]
     lines += [f"{name[:82]:<84}{ms:>8.2f}" for name, ms in r["top_kernels_ms"]]
+    idle = r["gpu_idle"]
+    if idle:
+        lines += ["", f"GPU idle {idle['idle_ms']:.2f} of {idle['span_ms']:.2f} ms (profiled step); longest gaps:"]
+        lines += [f"{ms:>8.3f} ms  after {before[:48]:<50}before {after[:48]}" for ms, before, after in idle["gaps"]]
     return "\n".join(lines)
 
 

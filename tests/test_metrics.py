@@ -36,7 +36,7 @@ BENCHMARK_KEYS = {
     "flavor", "device", "dtype", "rows", "seq_len", "data", "compile", "tf32", "ac", "force_compression", "warmup_steps",
     "timed_steps", "backends", "bytes_per_sec", "tflops", "mfu_pct", "peak_tflops", "flops_per_byte",
     "bytes_per_chunk", "memory", "step_ms", "step_total_ms", "time_ms", "op_class_ms", "top_kernels_ms",
-    "compiled_frames", "mamba_graph_max_positions",
+    "compiled_frames", "mamba_graph_max_positions", "gpu_idle",
 }
 
 
@@ -150,6 +150,20 @@ def test_forced_compression_keeps_every_nth_position(flavor: str, every: list[fl
         assert torch.equal(router.selected_probs, torch.where(router.boundary_mask, p, 1 - p))
 
 
+def test_benchmark_idle_gaps_count_time_no_kernel_runs() -> None:
+    """Overlapping kernels (other streams) count once; gaps are named by the kernels either side, longest first."""
+    idle = _script("benchmark").idle_gaps([
+        (0.0, 100.0, "a"), (50.0, 300.0, "b"),  # overlap: busy until 300
+        (1300.0, 1400.0, "c"),  # 1.0 ms gap after b
+        (1400.0, 1500.0, "d"),  # back to back: no gap
+        (1200.0, 1250.0, "e"),  # starts before c: splits that gap into 0.9 and 0.05 ms
+        (2000.0, 2100.0, "f"),  # 0.5 ms after d
+    ], top=2)
+    assert idle["span_ms"] == pytest.approx(2.1)
+    assert idle["idle_ms"] == pytest.approx(0.9 + 0.05 + 0.5)
+    assert idle["gaps"] == [[pytest.approx(0.9), "b", "e"], [pytest.approx(0.5), "d", "f"]]
+
+
 def test_benchmark_cpu_smoke(tmp_path: Path) -> None:
     report_path = tmp_path / "bench.json"
     cmd = [
@@ -161,6 +175,7 @@ def test_benchmark_cpu_smoke(tmp_path: Path) -> None:
     report = json.loads(report_path.read_text())
     assert set(report) == BENCHMARK_KEYS
     assert report["device"] == "cpu" and report["mfu_pct"] is None and report["memory"] == {}
+    assert report["gpu_idle"] is None  # no device timeline on CPU
     assert report["bytes_per_chunk"] == [4.0]  # 64-byte documents, a boundary every 4th byte
     assert report["bytes_per_sec"] > 0 and report["tflops"] > 0
     assert set(report["backends"]) == {"ssd", "conv", "attention", "norm"}
