@@ -47,8 +47,8 @@ warmup_steps, timed_steps, backends {op: backend}, bytes_per_sec, tflops, mfu_pc
 peak), peak_tflops, flops_per_byte, bytes_per_chunk [per routed stage], memory {mem_active_gib,
 mem_reserved_gib, alloc_retries} (empty on CPU), step_ms {forward, backward, optimizer, total} (means),
 step_total_ms [each timed step, in order: one slow step shows apart from the host-bound scatter], time_ms
-{part: {forward, backward}}, op_class_ms {class: ms}, top_kernels_ms [[kernel, ms]] (the profiled step's 15
-costliest kernels), gpu_idle {span_ms, idle_ms, gaps [[ms, kernel before, kernel after]]} (null on CPU).
+{part: {forward, backward}}, op_class_ms {class: ms}, top_kernels_ms [[kernel, ms, calls]] (the profiled step's
+--top-kernels costliest kernels), gpu_idle {span_ms, idle_ms, gaps [[ms, kernel before, kernel after]]} (null on CPU).
 """
 
 from __future__ import annotations
@@ -270,9 +270,10 @@ def idle_gaps(kernels: list[tuple[float, float, str]], top: int = 10) -> dict:
 
 
 def profile_step(
-    step, device: torch.device, trace: str = ""
-) -> tuple[dict[str, float], list[tuple[str, float]], dict | None]:
-    """ms per op class of one ``step()``, its 15 costliest kernels (operators on CPU) and the GPU's idle gaps.
+    step, device: torch.device, trace: str = "", top: int = 15
+) -> tuple[dict[str, float], list[tuple[str, float, int]], dict | None]:
+    """ms per op class of one ``step()``, its ``top`` costliest kernels (operators on CPU) with their calls, and
+    the GPU's idle gaps. Calls per kernel tell a kernel of every layer from one of every network.
 
     CUDA kernel time on a GPU, operator self time on CPU; ``trace`` also writes the step's Chrome trace
     (host and device timelines: where the GPU waits on the host).
@@ -287,6 +288,7 @@ def profile_step(
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
     classes: dict[str, float] = {}
     kernels: dict[str, float] = {}
+    calls: dict[str, int] = {}
     intervals: list[tuple[float, float, str]] = []
     for event in prof.events():
         # On the GPU a user annotation (the optimizer's step, for one) spans kernels counted on their own.
@@ -296,10 +298,11 @@ def profile_step(
         cls = op_class(event.name)
         classes[cls] = classes.get(cls, 0.0) + ms
         kernels[event.name] = kernels.get(event.name, 0.0) + ms
+        calls[event.name] = calls.get(event.name, 0) + 1
         intervals.append((event.time_range.start, event.time_range.end, event.name))
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    costliest = [(name, ms, calls[name]) for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]]
     idle = idle_gaps(intervals) if cuda and intervals else None
-    return dict(sorted(classes.items(), key=lambda kv: -kv[1])), top, idle
+    return dict(sorted(classes.items(), key=lambda kv: -kv[1])), costliest, idle
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -353,7 +356,7 @@ def run(args: argparse.Namespace) -> dict:
         step_total_ms = [t.ms("step.begin", "step.end") for t in timer.steps]
         op_class_ms, top_kernels, gpu_idle = profile_step(
             lambda: step(to_device(batches[-1], device), timeline=StepTimeline(device.type == "cuda")), device,
-            args.trace,
+            args.trace, args.top_kernels,
         )
 
     totals = torch.stack(positions).sum(0).tolist()
@@ -411,8 +414,8 @@ def format_report(r: dict) -> str:
     total = sum(r["op_class_ms"].values()) or 1.0
     lines += ["", f"{'op class (profiled step)':<32}{'ms':>12}{'%':>13}"]
     lines += [f"{cls:<32}{ms:>12.2f}{100 * ms / total:>13.1f}" for cls, ms in r["op_class_ms"].items()]
-    lines += ["", f"{'costliest kernels (profiled step)':<84}{'ms':>8}"]
-    lines += [f"{name[:82]:<84}{ms:>8.2f}" for name, ms in r["top_kernels_ms"]]
+    lines += ["", f"{'costliest kernels (profiled step)':<84}{'ms':>8}{'calls':>7}"]
+    lines += [f"{name[:82]:<84}{ms:>8.2f}{n:>7}" for name, ms, n in r["top_kernels_ms"]]
     idle = r["gpu_idle"]
     if idle:
         lines += ["", f"GPU idle {idle['idle_ms']:.2f} of {idle['span_ms']:.2f} ms (profiled step); longest gaps:"]
@@ -445,9 +448,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="JSON report path (default outputs/benchmark/FLAVOR.json)")
     p.add_argument("--trace", default="", help="also write the profiled step's Chrome trace here")
+    p.add_argument("--top-kernels", type=int, default=15, help="costliest kernels of the profiled step to report")
     args = p.parse_args(argv)
-    if args.warmup < 0 or args.steps < 1 or args.rows < 1 or args.seq_len < 2 or args.mamba_graph_max_positions < 0:
-        p.error("need --warmup >= 0, --steps >= 1, --rows >= 1, --seq-len >= 2 and --mamba-graph-max-positions >= 0")
+    if (args.warmup < 0 or args.steps < 1 or args.rows < 1 or args.seq_len < 2 or args.mamba_graph_max_positions < 0
+            or args.top_kernels < 1):
+        p.error("need --warmup >= 0, --steps >= 1, --rows >= 1, --seq-len >= 2, --mamba-graph-max-positions >= 0 "
+                "and --top-kernels >= 1")
     if args.force_compression:
         routed = HNetConfig.from_flavor(args.flavor).num_stages - 1
         try:
